@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 
@@ -173,35 +173,61 @@ SURROGATES: dict[str, Surrogate] = {
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. aggregations: (per_token_loss (B, T), mask (B, T), cfg, num_items_in_batch, num_sequences) -> scalar
+# 3. aggregations: (per_token_loss (B, T), mask (B, T), cfg, totals) -> scalar
+#    ``totals`` carries the denominators of the whole batch when this call sees one micro-batch of it.
 
 
-def sequence_mean(loss, mask, cfg, num_items_in_batch=None, num_sequences=None):
-    """DeepSeekMath eq. 3: (1/G) sum_i (1/|o_i|) sum_t. ``num_sequences`` replaces B when the batch is one
-    micro-batch of a larger one, so that gradient accumulation sums to the same value."""
+@dataclass(frozen=True)
+class BatchTotals:
+    """Denominators of the batch a micro-batch belongs to; ``None`` fields fall back to the micro-batch's own.
+
+    Summing the losses of micro-batches built with the full batch's totals gives exactly the full-batch loss,
+    so gradient accumulation does not change the update."""
+
+    num_sequences: int | None = None
+    """Completions in the optimizer step's batch (grpo, sapo, dr_grpo divide by it)."""
+    num_tokens: float | torch.Tensor | None = None
+    """Unmasked tokens in the optimizer step's batch (bnpo divides by it)."""
+    num_items_in_batch: float | torch.Tensor | None = None
+    """Unmasked tokens in the whole global batch, all processes (dapo, cispo divide by it, as TRL)."""
+
+
+def sequence_mean(loss, mask, cfg, totals: BatchTotals):
+    """DeepSeekMath eq. 3: (1/G) sum_i (1/|o_i|) sum_t."""
     per_seq = (loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)  # (B,)
-    return per_seq.sum() / (per_seq.numel() if num_sequences is None else num_sequences)
+    return per_seq.sum() / (per_seq.numel() if totals.num_sequences is None else totals.num_sequences)
 
 
-def token_mean(loss, mask, cfg, num_items_in_batch=None, num_sequences=None):
-    """BNPO / DAPO: sum over every token / number of tokens (the micro-batch's, or ``num_items_in_batch``)."""
-    total = mask.sum() if num_items_in_batch is None else torch.as_tensor(num_items_in_batch, dtype=loss.dtype)
-    return (loss * mask).sum() / total.clamp(min=1.0)
+def _token_total(mask, *candidates):
+    for c in candidates:
+        if c is not None:
+            return torch.as_tensor(c, dtype=mask.dtype, device=mask.device)
+    return mask.sum()
 
 
-def constant_normaliser(loss, mask, cfg, num_items_in_batch=None, num_sequences=None):
+def batch_token_mean(loss, mask, cfg, totals: BatchTotals):
+    """BNPO: sum over the batch's tokens / number of tokens in the batch."""
+    return (loss * mask).sum() / _token_total(mask, totals.num_tokens).clamp(min=1.0)
+
+
+def global_token_mean(loss, mask, cfg, totals: BatchTotals):
+    """DAPO / CISPO: sum over tokens / tokens of the whole global batch (``num_items_in_batch``)."""
+    return (loss * mask).sum() / _token_total(mask, totals.num_items_in_batch, totals.num_tokens).clamp(min=1.0)
+
+
+def constant_normaliser(loss, mask, cfg, totals: BatchTotals):
     """Dr. GRPO: sum over tokens / (B * max_completion_length), a constant: no length bias."""
-    length = loss.size(1) if cfg.max_completion_length is None else cfg.max_completion_length
-    batch = loss.size(0) if num_sequences is None else num_sequences
+    length = mask.size(1) if cfg.max_completion_length is None else cfg.max_completion_length
+    batch = loss.size(0) if totals.num_sequences is None else totals.num_sequences
     return (loss * mask).sum() / (batch * length)
 
 
 AGGREGATIONS = {
     "grpo": sequence_mean,
     "sapo": sequence_mean,
-    "bnpo": token_mean,
-    "dapo": token_mean,
-    "cispo": token_mean,
+    "bnpo": batch_token_mean,
+    "dapo": global_token_mean,
+    "cispo": global_token_mean,
     "dr_grpo": constant_normaliser,
 }
 
@@ -225,7 +251,7 @@ def grpo_loss(
     ref_logps: torch.Tensor | None = None,
     config: LossConfig,
     num_items_in_batch: float | torch.Tensor | None = None,
-    num_sequences: int | None = None,
+    totals: BatchTotals | None = None,
 ) -> LossOutput:
     """Negated GRPO objective (DeepSeekMath eq. 3) for one batch of completions.
 
@@ -237,10 +263,10 @@ def grpo_loss(
             pi_old = sg(pi_theta) (ratio 1 in value, clipping inactive, eq. 20/21).
         ref_logps: log pi_ref, (B, T); required when ``config.beta > 0``.
         config: the ``LossConfig``.
-        num_items_in_batch: token count of the whole global batch, the denominator of dapo/cispo (and bnpo);
-            ``None`` uses this batch's own token count.
-        num_sequences: sequence count that grpo/sapo/dr_grpo divide by; ``None`` uses B. Set it when this is a
-            micro-batch, so that summing micro-batch losses reproduces the full-batch loss.
+        num_items_in_batch: token count of the whole global batch, the denominator of dapo/cispo (TRL's
+            argument); ``None`` uses this batch's own token count.
+        totals: the optimizer-step batch's sequence and token counts when this call sees one micro-batch of
+            it (``BatchTotals``); summing the micro-batch losses then reproduces the full-batch loss.
     """
     if logps.shape != mask.shape:
         raise ValueError(f"logps {tuple(logps.shape)} and mask {tuple(mask.shape)} must have the same shape")
@@ -265,7 +291,10 @@ def grpo_loss(
         per_token_loss = per_token_loss + config.beta * kl
         metrics["kl"] = masked_mean(kl.detach(), mask)
 
-    loss = AGGREGATIONS[config.loss_type](per_token_loss, mask, config, num_items_in_batch, num_sequences)
+    totals = totals or BatchTotals()
+    if num_items_in_batch is not None:
+        totals = replace(totals, num_items_in_batch=num_items_in_batch)
+    loss = AGGREGATIONS[config.loss_type](per_token_loss, mask, config, totals)
     metrics.update(
         clip_ratio_low=masked_mean(low.to(logps.dtype), mask),
         clip_ratio_high=masked_mean(high.to(logps.dtype), mask),
