@@ -53,6 +53,44 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     return torch.nan_to_num(adv, nan=0.0).view(-1)
 
 
+def rloo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO (REINFORCE leave-one-out): ``A_i = r_i - mean_{j != i} r_j``, (N,) -> (N,).
+
+    Each sample's baseline excludes itself, so the baseline is independent of the sample and the gradient
+    estimate is unbiased. Equals ``G/(G-1) * (r_i - mean(group))`` (with G the group's valid rewards); NaN
+    rewards are left out and get 0, as in ``group_advantages``."""
+    grouped = rewards.view(-1, group_size)  # (P, G)
+    valid = ~torch.isnan(grouped)
+    count = valid.sum(1, keepdim=True)  # (P, 1)
+    total = torch.nansum(grouped, dim=1, keepdim=True)
+    loo_mean = (total - torch.nan_to_num(grouped)) / (count - 1).clamp(min=1)
+    adv = torch.where(valid & (count > 1), grouped - loo_mean, torch.zeros_like(grouped))
+    return adv.view(-1)
+
+
+def dr_grpo_advantages(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Dr. GRPO: ``A_i = r_i - mean(group)``, centred but not divided by the std (no question-difficulty bias)."""
+    return group_advantages(rewards, group_size, "none")
+
+
+ADVANTAGE_ESTIMATORS = {
+    "grpo": group_advantages,  # (rewards, group_size, scale) — DeepSeekMath 4.1.2, scale from scale_rewards
+    "dr_grpo": dr_grpo_advantages,  # (rewards, group_size)
+    "rloo": rloo_advantages,  # (rewards, group_size)
+}
+"""Outcome advantage estimators by name; only ``grpo`` takes ``scale_rewards``."""
+
+
+def outcome_advantages(rewards: torch.Tensor, group_size: int, estimator: str = "grpo",
+                       scale: str = "group") -> torch.Tensor:
+    """Dispatches to ``ADVANTAGE_ESTIMATORS[estimator]``: (N,) rewards -> (N,) advantages."""
+    if estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"advantage_estimator must be one of {', '.join(ADVANTAGE_ESTIMATORS)}; got {estimator!r}")
+    if estimator == "grpo":
+        return group_advantages(rewards, group_size, scale)
+    return ADVANTAGE_ESTIMATORS[estimator](rewards, group_size)
+
+
 def process_advantages(
     step_rewards: Sequence[Sequence[float]],
     step_ends: Sequence[Sequence[int]],

@@ -63,3 +63,16 @@ def kl_penalty(
 def exact_kl(logp_a: torch.Tensor, logp_b: torch.Tensor) -> torch.Tensor:
     """KL(a||b) = sum_v a(v) (log a(v) - log b(v)) over the last (vocabulary) axis: (..., V) -> (...)."""
     return (logp_a.exp() * (logp_a - logp_b)).sum(-1)
+
+
+def kl_reward_to_go(logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """KL in the reward (``kl_in_reward``): per-token advantage term ``-beta * sum_{s>=t} sg(k1_s)``, (B, T).
+
+    Each token is charged ``k1 = log pi_theta/pi_ref`` of itself *and of every later token* of its completion
+    (the reward-to-go), treated as a constant reward. Then ``E[sum_t A_t grad log pi_theta(o_t)]`` is exactly
+    ``-beta * grad KL(pi_theta||pi_ref)`` of the whole *sequence* distribution (REINFORCE with the KL as a
+    reward; Tang & Munos 2025), which per-token KL losses only approximate: they drop the terms that link a
+    token to the KL of what it leads to. Valid for samples from pi_theta (on-policy)."""
+    k1 = (logps - ref_logps).detach() * mask  # (B, T)
+    rtg = k1.flip(-1).cumsum(-1).flip(-1)  # sum over s >= t
+    return -beta * rtg * mask

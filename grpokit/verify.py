@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from grpokit.advantages import STD_EPS, group_advantages, process_advantages
-from grpokit.kl import exact_kl, kl_penalty
+from grpokit.kl import exact_kl, kl_penalty, kl_reward_to_go
 from grpokit.losses import LOSS_TYPES, LossConfig, grpo_loss
 
 F64 = torch.float64
@@ -152,6 +152,41 @@ def kl_claim(estimator: str, off_policy: bool, target: str) -> Callable[[torch.G
     return check
 
 
+def two_token_sequences(g: torch.Generator, V: int = 4):
+    """Every sequence (o1, o2) of a tabular two-step policy: per-token log-probs (V*V, 2) under pi_theta
+    (differentiable in its logits) and pi_ref, plus the logits themselves."""
+    theta1 = torch.randn(V, generator=g, dtype=F64).requires_grad_()
+    theta2 = torch.randn(V, V, generator=g, dtype=F64).requires_grad_()  # row o1: logits of o2 given o1
+    ref1, ref2 = torch.randn(V, generator=g, dtype=F64), torch.randn(V, V, generator=g, dtype=F64)
+    o1, o2 = torch.arange(V).repeat_interleave(V), torch.arange(V).repeat(V)  # all V*V sequences
+    logps = torch.stack([torch.log_softmax(theta1, -1)[o1], torch.log_softmax(theta2, -1)[o1, o2]], dim=1)
+    ref = torch.stack([torch.log_softmax(ref1, -1)[o1], torch.log_softmax(ref2, -1)[o1, o2]], dim=1)
+    return logps, ref, (theta1, theta2)
+
+
+def sequence_kl_gradient(method: str) -> Callable[[torch.Generator], float]:
+    """Exact E_{o ~ pi_theta}[gradient] of a KL treatment vs the gradient of the *sequence* KL(pi_theta||pi_ref).
+    ``kl_in_reward``: REINFORCE with -sg(k1) reward-to-go (should match); ``k2_loss``: per-token k2 summed
+    (matches only per position, not the sequence: the returned error is 0 when it clearly differs)."""
+
+    def check(g: torch.Generator) -> float:
+        logps, ref, params = two_token_sequences(g)
+        p_seq = logps.sum(1).exp().detach()  # (N,) probability of each sequence under pi_theta
+        mask = torch.ones_like(logps)
+        if method == "kl_in_reward":
+            adv = kl_reward_to_go(logps, ref, mask, beta=1.0)  # (N, 2), constants
+            surrogate = -(adv * logps).sum(1)  # minimised: the policy-gradient loss
+        else:
+            surrogate = kl_penalty(logps, ref, "k2").sum(1)
+        got = torch.autograd.grad((p_seq * surrogate).sum(), params, retain_graph=True)
+        seq_kl = (logps.sum(1).exp() * (logps.sum(1) - ref.sum(1))).sum()
+        want = torch.autograd.grad(seq_kl, params)
+        err = max((a - b).abs().max().item() for a, b in zip(got, want))
+        return err if method == "kl_in_reward" else (0.0 if err > 1e-3 else 1.0)
+
+    return check
+
+
 # ---------------------------------------------------------------------------- advantage claims
 
 
@@ -207,6 +242,9 @@ CLAIMS = [
     Claim("k3_is off-policy: grad KL(pi_theta||pi_ref)", "DeepSeek-V3.2", kl_claim("k3_is", True, "reverse")),
     *[Claim(f"{e} off-policy: biased (neither KL)", "sampled from pi_old", kl_claim(e, True, "biased"))
       for e in ("k1", "k2", "k3")],
+    Claim("kl_in_reward: grad of the sequence KL(pi_theta||pi_ref)", "k1 reward-to-go, Tang & Munos",
+          sequence_kl_gradient("kl_in_reward")),
+    Claim("per-token k2 summed: not the sequence KL gradient", "per-token KL loss", sequence_kl_gradient("k2_loss")),
     Claim("group advantages (r - mean) / (std + 1e-4)", "DeepSeekMath 4.1.2", group_advantage_formula),
     Claim("process advantages", "DeepSeekMath 4.1.3", process_advantage_formula),
 ]

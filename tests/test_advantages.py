@@ -95,3 +95,18 @@ def test_process_constant_group_is_zero_and_bad_input_is_named():
         process_advantages([[1.0]], [[7]], 1, 3)
     with pytest.raises(ValueError, match="step ends"):
         process_advantages([[1.0, 2.0]], [[1]], 1, 3)
+
+
+def test_rloo_hand_computed_and_identity():
+    from grpokit.advantages import outcome_advantages, rloo_advantages
+
+    r = torch.tensor([1.0, 0.0, 0.0, 3.0, 1.0, 2.0], dtype=F64)
+    adv = rloo_advantages(r, 3)
+    assert adv.tolist() == pytest.approx([1.0, -0.5, -0.5, 1.5, -1.5, 0.0])
+    # RLOO = G/(G-1) * mean-centred reward
+    torch.testing.assert_close(adv, 1.5 * group_advantages(r, 3, "none"), rtol=0, atol=1e-12)
+    with_nan = rloo_advantages(torch.tensor([1.0, float("nan"), 0.0], dtype=F64), 3)
+    assert with_nan.tolist() == [1.0, 0.0, -1.0]
+    assert outcome_advantages(r, 3, "dr_grpo").tolist() == group_advantages(r, 3, "none").tolist()
+    with pytest.raises(ValueError, match="advantage_estimator"):
+        outcome_advantages(r, 3, "ppo")

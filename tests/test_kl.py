@@ -73,3 +73,22 @@ def test_k3_is_not_the_reverse_kl_gradient():
 def test_unknown_estimator():
     with pytest.raises(ValueError, match="kl_estimator"):
         kl_penalty(torch.zeros(1), torch.zeros(1), "k4")
+
+
+def test_kl_reward_to_go_hand_computed():
+    from grpokit.kl import kl_reward_to_go
+
+    logps = torch.tensor([[-1.0, -2.0, -0.5]], dtype=F64)
+    ref = torch.tensor([[-1.5, -1.0, -0.5]], dtype=F64)  # k1 = 0.5, -1.0, 0.0 (last token masked)
+    mask = torch.tensor([[1.0, 1.0, 0.0]], dtype=F64)
+    got = kl_reward_to_go(logps, ref, mask, beta=0.1)
+    torch.testing.assert_close(got, torch.tensor([[0.05, 0.1, 0.0]], dtype=F64), rtol=0, atol=1e-15)
+
+
+def test_kl_in_reward_is_the_sequence_kl_gradient_and_per_token_k2_is_not():
+    from grpokit.verify import sequence_kl_gradient
+
+    g = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        assert sequence_kl_gradient("kl_in_reward")(g) < 1e-12
+        assert sequence_kl_gradient("k2_loss")(g) == 0.0  # 0 = clearly differs from the sequence KL gradient
