@@ -1,0 +1,279 @@
+"""Per-token log-probabilities and entropies of an LM head without ever materialising B x T x V logits.
+
+A GRPO step needs ``log pi(o_t | ...)`` of the sampled tokens (and logs the policy entropy). The usual
+``log_softmax(model(...).logits)`` builds (B, T, V) logits plus as many (B, T, V) temporaries for softmax,
+entropy and their gradients: at B*T = 4096 and Qwen2's V = 151,936 that is 2.5 GB per fp32 copy and ~14 GB
+in all. ``token_logprobs`` takes the decoder's last hidden states and the LM head instead, and walks over
+the flattened B*T rows ``chunk_size`` at a time inside one ``torch.autograd.Function``:
+
+* forward keeps, per row, only the log-sum-exp ``lse`` (and the entropy when asked for): O(B*T) floats;
+* backward recomputes each chunk's logits from (hidden, weight, bias), forms dlogits in the chunk's buffer
+  in place and accumulates grad_hidden, grad_weight (fp32) and grad_bias.
+
+So the transient memory is one or two (chunk_size, V) buffers, plus the (V, H) fp32 weight-gradient
+accumulator in backward, at the price of one extra (B*T, H) x (H, V) matmul (the recomputation).
+
+Notation per row: ``z = (h @ W.T + b) / T``, ``p = softmax(z)``, ``logp = z - lse``,
+``H = -sum_v p_v logp_v``. The two gradients used (``1_t`` is the one-hot of the target)::
+
+    d logp_t / dz = 1_t - p
+    d H / dz      = -p * (logp + H)       (dH/dz_k = -sum_j (logp_j + 1) p_j (d_jk - p_k))
+
+``hidden_states`` and ``lm_head_of`` split a Hugging Face causal LM into body and head so that a trainer can
+call ``token_logprobs(hidden_states(model, ids, mask)[:, :-1], *lm_head_of(model), ids[:, 1:])``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_CHUNK_BYTES = 256 * 2**20
+"""Default size of one chunk of logits in the compute dtype (fp32, or fp64 for fp64 inputs). The transient
+peak is about twice that (a second buffer for the entropy gradient; a half-size bf16 copy for bf16 inputs).
+256 MiB is 441 rows at V = 151,936: large enough that every matmul is compute-bound (a chunk re-reads the
+whole (V, H) weight), small enough to be noise next to the (V, H) fp32 gradient accumulator (544 MB at
+V = 151,936, H = 896)."""
+
+
+def default_chunk_size(vocab_size: int, dtype: torch.dtype = torch.float32) -> int:
+    """Rows per chunk so that one (rows, V) buffer of ``dtype`` stays within ``DEFAULT_CHUNK_BYTES``."""
+    row_bytes = vocab_size * torch.empty((), dtype=dtype).element_size()
+    rows = max(1, DEFAULT_CHUNK_BYTES // row_bytes)
+    return rows - rows % 8 if rows >= 16 else rows  # a multiple of 8 keeps GEMM tiles whole
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probabilities (and entropies) of ``softmax((hidden @ weight.T + bias) / temperature)``, chunked.
+
+    Equal in value and gradient to ``materialized_token_logprobs`` (the (B, T, V) computation) while holding
+    at most ``chunk_size`` rows of logits at a time; see the module docstring.
+
+    Args:
+        hidden: (B, T, H) (any leading shape) last hidden states, fp32/bf16/fp16/fp64.
+        weight: (V, H) LM head, same dtype as ``hidden``.
+        targets: (B, T) integer token ids in [0, V): position t is scored under row t of ``hidden``.
+        temperature: logits are divided by it (sampling temperature), > 0.
+        bias: (V,) LM-head bias or ``None``.
+        chunk_size: rows of B*T processed at once; ``None``: ``default_chunk_size(V)`` (~256 MiB of fp32).
+        return_entropy: also return the entropy of each row's distribution.
+
+    Returns:
+        logps (B, T), or ``(logps, entropy)`` with entropy (B, T); fp32 (fp64 for fp64 inputs) whatever the
+        input dtype. Both are differentiable wrt hidden, weight and bias.
+    """
+    if hidden.shape[:-1] != targets.shape:
+        raise ValueError(f"hidden {tuple(hidden.shape)} must be targets {tuple(targets.shape)} + (H,)")
+    if weight.dim() != 2 or weight.size(1) != hidden.size(-1):
+        raise ValueError(f"weight must be (V, H={hidden.size(-1)}), got {tuple(weight.shape)}")
+    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
+        raise ValueError(f"hidden, weight and bias must share a dtype, got {hidden.dtype}, {weight.dtype}"
+                         + ("" if bias is None else f", {bias.dtype}"))
+    if bias is not None and bias.shape != (weight.size(0),):
+        raise ValueError(f"bias must be ({weight.size(0)},), got {tuple(bias.shape)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(weight.size(0), _compute_dtype(weight.dtype))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+    h2 = hidden.reshape(-1, hidden.size(-1))  # (N, H), a view when hidden is contiguous
+    t1 = targets.reshape(-1).long()  # (N,)
+    out = _ChunkedLogprobs.apply(h2, weight, bias, t1, float(temperature), int(chunk_size), return_entropy)
+    if return_entropy:
+        return out[0].view(targets.shape), out[1].view(targets.shape)
+    return out.view(targets.shape)
+
+
+def materialized_token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    bias: torch.Tensor | None = None,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The reference ``token_logprobs`` is checked against: (B, T, V) logits, log_softmax, gather.
+
+    Logits are formed in the input dtype (as an ``nn.Linear`` head does) and upcast before the softmax.
+    Memory: several (B, T, V) fp32 tensors; use it for tests and benchmarks only."""
+    logits = F.linear(hidden, weight, bias)  # (B, T, V) in the input dtype
+    logp_all = torch.log_softmax(logits.to(_compute_dtype(logits.dtype)) / temperature, dim=-1)
+    logps = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
+    if not return_entropy:
+        return logps
+    entropy = -(logp_all.exp() * logp_all).sum(-1)  # (B, T)
+    return logps, entropy
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Softmax statistics in fp32 at least: bf16/fp16 logits are upcast, fp64 stays fp64.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _chunk_logits(h, weight, bias, temperature, out, low_buf):
+    """z = (h @ W.T + b) / T for one chunk, written into ``out`` (n, V) of the compute dtype.
+
+    Logits are rounded to the input dtype first when it is narrower (``low_buf``), exactly as the
+    materialised ``nn.Linear`` head produces them, so both paths see the same logits."""
+    dst = out if low_buf is None else low_buf
+    if bias is None:
+        torch.mm(h, weight.t(), out=dst)
+    else:
+        torch.addmm(bias, h, weight.t(), out=dst)  # what F.linear does
+    if low_buf is not None:
+        out.copy_(low_buf)
+    if temperature != 1.0:
+        out.div_(temperature)
+    return out
+
+
+def _head(buf: torch.Tensor | None, n: int) -> torch.Tensor | None:
+    return None if buf is None else buf[:n]
+
+
+class _ChunkedLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, return_entropy):
+        # hidden (N, H), weight (V, H), bias (V,) | None, targets (N,) int64
+        n_rows, vocab = hidden.size(0), weight.size(0)
+        cdtype = _compute_dtype(weight.dtype)
+        rows = min(chunk_size, max(n_rows, 1))
+        buf = torch.empty(rows, vocab, dtype=cdtype, device=hidden.device)  # reused by every chunk
+        dev = hidden.device
+        low = None if cdtype == weight.dtype else torch.empty(rows, vocab, dtype=weight.dtype, device=dev)
+        logps = torch.empty(n_rows, dtype=cdtype, device=hidden.device)
+        lse = torch.empty(n_rows, dtype=cdtype, device=hidden.device)
+        entropy = torch.empty(n_rows, dtype=cdtype, device=hidden.device) if return_entropy else None
+
+        for s in range(0, n_rows, chunk_size):
+            e = min(s + chunk_size, n_rows)
+            n = e - s
+            z = _chunk_logits(hidden[s:e], weight, bias, temperature, buf[:n], _head(low, n))
+            m = z.amax(dim=-1, keepdim=True)  # (n, 1): shift so exp cannot overflow
+            z.sub_(m)
+            z_t = z.gather(1, targets[s:e, None]).squeeze(1)  # (n,) shifted target logit
+            z.exp_()  # z is now exp(z - m), in place
+            log_s = z.sum(-1).log_()  # (n,) log sum exp(z - m)
+            logps[s:e] = z_t - log_s
+            lse[s:e] = m.squeeze(1) + log_s
+            if return_entropy:
+                # H = log S - sum(e * log e) / S with e = exp(z - m), S = sum e. xlogy_ recovers z - m from
+                # e in place, so no second (n, V) buffer; underflowed e contribute 0, their limit.
+                entropy[s:e] = log_s - z.xlogy_(z).sum(-1) / log_s.exp()
+        del buf, low
+
+        ctx.temperature, ctx.chunk_size, ctx.has_bias = temperature, chunk_size, bias is not None
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.set_materialize_grads(False)  # an unused entropy output gets None, and skips its work
+        if return_entropy:
+            return logps, entropy
+        return logps
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_logps, grad_entropy=None):
+        hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
+        temperature, chunk_size = ctx.temperature, ctx.chunk_size
+        need_h, need_w, _, _, _, _, _ = ctx.needs_input_grad
+        need_b = ctx.has_bias and ctx.needs_input_grad[2]
+        if (grad_logps is None and grad_entropy is None) or not (need_h or need_w or need_b):
+            return None, None, None, None, None, None, None
+
+        n_rows, vocab = hidden.size(0), weight.size(0)
+        cdtype = lse.dtype
+        dev = hidden.device
+        rows = min(chunk_size, max(n_rows, 1))
+        buf = torch.empty(rows, vocab, dtype=cdtype, device=dev)
+        low = None if cdtype == weight.dtype else torch.empty(rows, vocab, dtype=weight.dtype, device=dev)
+        pbuf = torch.empty(rows, vocab, dtype=cdtype, device=dev) if grad_entropy is not None else None
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=cdtype, device=dev) if need_w else None  # fp32 accumulator
+        grad_b = torch.zeros(vocab, dtype=cdtype, device=dev) if need_b else None
+        g_lp = None if grad_logps is None else grad_logps.to(cdtype)
+        g_ent = None if grad_entropy is None else grad_entropy.to(cdtype)
+
+        for s in range(0, n_rows, chunk_size):
+            e = min(s + chunk_size, n_rows)
+            n = e - s
+            h = hidden[s:e]
+            z = _chunk_logits(h, weight, bias, temperature, buf[:n], _head(low, n))
+            z.sub_(lse[s:e, None])  # z is now logp (n, V)
+            # dz = g_lp * 1_t - p * (g_lp + g_ent * (logp + H)); built in z's buffer (and pbuf for p).
+            if g_ent is None:
+                dz = z.exp_().mul_(-g_lp[s:e, None])
+            else:
+                p = torch.exp(z, out=pbuf[:n])
+                z.add_(entropy[s:e, None]).mul_(g_ent[s:e, None])
+                if g_lp is not None:
+                    z.add_(g_lp[s:e, None])
+                dz = p.mul_(z).neg_()
+            if g_lp is not None:
+                dz.scatter_add_(1, targets[s:e, None], g_lp[s:e, None])
+            if temperature != 1.0:
+                dz.div_(temperature)  # dlogits = dz / T
+            if need_b:
+                grad_b += dz.sum(0)
+            if need_w:
+                grad_w.addmm_(dz.t(), h.to(cdtype))  # (V, n) @ (n, H), accumulated in fp32
+            if need_h:
+                if low is None:
+                    torch.mm(dz, weight, out=grad_h[s:e])
+                else:  # same rounding as autograd through a bf16 nn.Linear: dlogits cast to the head's dtype
+                    torch.mm(low[:n].copy_(dz), weight, out=grad_h[s:e])
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hugging Face causal LMs: body and head apart
+
+
+def lm_head_of(model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight (V, H), bias (V,) | None)`` of a Hugging Face causal LM's output layer (tied or not).
+
+    Raises for heads whose logits are not a plain linear map of the last hidden state (Gemma-2/3 final
+    logit soft-capping, Cohere's ``logit_scale``, Granite's ``logits_scaling``): chunked log-probs of those
+    would silently differ from the model's own."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "final_logit_softcapping", None):
+        raise ValueError("models with final_logit_softcapping are not supported by token_logprobs")
+    for name in ("logit_scale", "logits_scaling"):
+        value = getattr(config, name, None)
+        if value is not None and value != 1:
+            raise ValueError(f"models with {name}={value} are not supported by token_logprobs")
+    head = model.get_output_embeddings()
+    if head is None:
+        raise ValueError(f"{type(model).__name__} has no output embeddings (LM head)")
+    return head.weight, getattr(head, "bias", None)
+
+
+def hidden_states(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kw
+) -> torch.Tensor:
+    """Last hidden states (B, T, H) of a Hugging Face causal LM's body: the input of its LM head.
+
+    Runs the decoder only (``model.get_decoder()``, i.e. ``model.model`` for Llama/Qwen2), so no logits are
+    built. HF decoders apply their final norm before returning, so ``lm_head(hidden_states(...))`` equals
+    ``model(...).logits``. Extra keyword arguments (``position_ids``, ...) go to the decoder; the KV cache is
+    off unless asked for."""
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    if body is model:
+        raise ValueError(f"cannot find the decoder body of {type(model).__name__}")
+    kw.setdefault("use_cache", False)
+    out = body(input_ids=input_ids, attention_mask=attention_mask, **kw)
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
