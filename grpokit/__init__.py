@@ -1,12 +1,24 @@
 """grpokit: GRPO training for language models whose loss is checked against the paper by machine."""
 
 from grpokit.advantages import group_advantages, process_advantages
+from grpokit.config import GRPOConfig
 from grpokit.kl import kl_penalty
 from grpokit.losses import LossConfig, LossOutput, grpo_loss
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):  # the trainer pulls in transformers: import it on first use only
+    if name == "GRPOTrainer":
+        from grpokit.trainer import GRPOTrainer
+
+        return GRPOTrainer
+    raise AttributeError(f"module 'grpokit' has no attribute {name!r}")
+
+
 __all__ = [
+    "GRPOConfig",
+    "GRPOTrainer",
     "LossConfig",
     "LossOutput",
     "grpo_loss",

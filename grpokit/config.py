@@ -1,0 +1,346 @@
+"""``GRPOConfig``: every knob of a GRPO run, one field each, with its docstring and its check.
+
+The YAML file of ``grpokit train --config`` and the ``--key value`` overrides are this dataclass's fields;
+``GRPOConfig.from_dict`` rejects unknown keys and names the closest valid one. Validation lives in
+``__post_init__`` only, and every error names the field.
+
+Batch shapes, per rollout (one process):
+    prompts_per_step prompts x num_generations completions  = N completions
+    N / steps_per_rollout                                   = one mini-batch = one optimizer step
+    mini-batch / micro_batch_size                           = forward/backward passes (gradient accumulation)
+    num_iterations (mu) passes over the N completions       = num_iterations * steps_per_rollout optimizer steps
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from grpokit.losses import LossConfig
+
+LR_SCHEDULERS = ("constant", "linear", "cosine")
+SCALE_REWARDS = ("group", "batch", "none")
+REPORT_TO = ("none", "jsonl")
+DTYPES = ("float32", "float64", "bfloat16", "float16")
+
+
+@dataclass
+class GRPOConfig:
+    """Configuration of a GRPO run (DeepSeekMath, arXiv 2402.03300). Defaults follow TRL 1.16 unless noted."""
+
+    # ---- run ---------------------------------------------------------------------------------------------
+    output_dir: str = "runs/grpo"
+    """Where ``metrics.jsonl``, ``metrics.png``, ``config.yaml`` and ``checkpoint-<step>/`` go."""
+    seed: int = 42
+    """Seeds the model init (when built here), the data order and the sampler; same seed, same run on CPU."""
+    max_steps: int = 200
+    """Number of optimizer steps. TRL derives it from epochs when -1; grpokit always counts steps."""
+
+    # ---- optimiser (AdamW) -------------------------------------------------------------------------------
+    learning_rate: float = 1e-6
+    """Peak AdamW learning rate (TRL's default 1e-6, the paper's value; random-init tiny models want ~3e-3)."""
+    lr_scheduler: str = "linear"
+    """``constant``, ``linear`` (decay to 0 at ``max_steps``, as TRL/transformers) or ``cosine`` (to 0)."""
+    warmup_steps: int = 0
+    """Linear warm-up from 0 over this many optimizer steps."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this before each step; 0 disables clipping."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+
+    # ---- batch shape -------------------------------------------------------------------------------------
+    prompts_per_step: int = 8
+    """Distinct prompts per rollout (all processes together). TRL's default batch is 8 completions, i.e. one
+    prompt when ``num_generations=8``; grpokit defaults to 8 prompts so that a step sees several groups."""
+    num_generations: int = 8
+    """G, completions sampled per prompt (>= 2: the group baseline needs two)."""
+    num_iterations: int = 1
+    """mu, passes over each rollout (DeepSeekMath Alg. 1). 1 = on-policy: pi_old = sg(pi_theta)."""
+    steps_per_rollout: int = 1
+    """Optimizer steps per pass: each pass splits the rollout into this many mini-batches (TRL's
+    ``steps_per_generation``)."""
+    micro_batch_size: int | None = None
+    """Completions per forward/backward; gradients accumulate over a mini-batch's micro-batches and the
+    update is the same as with one big batch (up to float rounding). ``None``: the whole mini-batch."""
+
+    # ---- generation --------------------------------------------------------------------------------------
+    max_prompt_length: int | None = 512
+    """Prompts longer than this many tokens keep their last ones (left truncation). ``None``: no limit.
+    (TRL 1.16 dropped this option; older TRL defaulted to 512.)"""
+    max_completion_length: int = 256
+    """Most tokens sampled per completion; also the constant denominator of ``dr_grpo``. TRL: 512; 256 keeps
+    CPU runs short."""
+    temperature: float = 1.0
+    """Sampling temperature; the loss uses log-probs of the same tempered distribution (log_softmax(z/T))."""
+    top_p: float = 1.0
+    """Nucleus sampling mass in (0, 1]; 1 disables. Shapes sampling only, never the loss (as TRL)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens when sampling; 0 disables. Sampling only (as TRL)."""
+
+    # ---- loss (grpokit.losses.LossConfig) ----------------------------------------------------------------
+    loss_type: str = "grpo"
+    """``grpo`` (the paper: mean over each completion's tokens, then over completions), ``bnpo``,
+    ``dr_grpo``, ``dapo``, ``cispo`` or ``sapo``; see ``grpokit.losses``. TRL defaults to ``dapo``."""
+    beta: float = 0.0
+    """KL coefficient (paper: 0.04; TRL: 0). 0 builds no reference model at all."""
+    epsilon_low: float = 0.2
+    """Lower clip range: the ratio is clipped below at ``1 - epsilon_low``."""
+    epsilon: float | None = None
+    """TRL's name for ``epsilon_low``; when given it sets ``epsilon_low`` and is then cleared."""
+    epsilon_high: float | None = None
+    """Upper clip range (``1 + epsilon_high``); ``None`` means ``epsilon_low``. For ``cispo``, the ratio cap."""
+    delta: float | None = None
+    """Two-sided clipping: also cap the unclipped ratio at ``delta`` (> 1 + epsilon_high). ``None``: off."""
+    importance_sampling_level: str = "token"
+    """``token`` (GRPO) or ``sequence`` (GSPO: exp of the mean log-ratio of the completion)."""
+    kl_estimator: str = "k3"
+    """Per-token KL penalty: ``k3`` (paper eq. 4), ``k1``, ``k2`` or ``k3_is`` (see ``grpokit.kl``)."""
+    sapo_temperature_pos: float = 1.0
+    """SAPO gate temperature for positive advantages."""
+    sapo_temperature_neg: float = 1.05
+    """SAPO gate temperature for zero or negative advantages."""
+
+    # ---- rewards -----------------------------------------------------------------------------------------
+    scale_rewards: str = "group"
+    """Advantage scaling: ``group`` std (paper), ``batch`` std, or ``none`` (centre only, Dr. GRPO)."""
+    mask_truncated_completions: bool = False
+    """Leave completions that hit ``max_completion_length`` without EOS out of the loss (DAPO)."""
+    reward_weights: list[float] | None = None
+    """One weight per reward function (weighted sum, None entries skipped); ``None``: all 1."""
+
+    # ---- bookkeeping -------------------------------------------------------------------------------------
+    save_steps: int = 500
+    """Write ``checkpoint-<step>/`` every this many optimizer steps (and always at the end); 0: only at the end."""
+    save_total_limit: int | None = None
+    """Keep only the newest this many checkpoints; ``None``: keep all."""
+    logging_steps: int = 10
+    """Print a progress line every this many steps when stdout is not a TTY (``metrics.jsonl`` gets every
+    step regardless)."""
+    report_to: str = "jsonl"
+    """``jsonl`` or ``none``; ``metrics.jsonl`` is always written (no external trackers are bundled)."""
+    dtype: str = "float32"
+    """Parameter dtype: ``float32`` (default; TRL uses bf16 on GPUs), ``float64`` (exactness checks),
+    ``bfloat16``, ``float16``."""
+    logprob_chunk_size: int | None = None
+    """Tokens per chunk when computing log-probs through the LM head (bounds the B*T*V logits memory);
+    ``None``: ``grpokit.logprobs``'s default."""
+
+    def __post_init__(self) -> None:
+        if self.epsilon is not None:
+            _check_real("epsilon", self.epsilon, low=0.0)
+            self.epsilon_low, self.epsilon = float(self.epsilon), None
+        _check_int("seed", self.seed, low=0)
+        _check_int("max_steps", self.max_steps, low=1)
+        _check_real("learning_rate", self.learning_rate, low=0.0, strict=True)
+        _check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _check_int("warmup_steps", self.warmup_steps, low=0)
+        _check_real("weight_decay", self.weight_decay, low=0.0)
+        _check_real("max_grad_norm", self.max_grad_norm, low=0.0)
+        for name in ("adam_beta1", "adam_beta2"):
+            _check_real(name, getattr(self, name), low=0.0)
+            if getattr(self, name) >= 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        _check_real("adam_epsilon", self.adam_epsilon, low=0.0, strict=True)
+
+        _check_int("prompts_per_step", self.prompts_per_step, low=1)
+        _check_int("num_generations", self.num_generations, low=2,
+                   why="GRPO's group baseline needs at least 2 completions per prompt")
+        _check_int("num_iterations", self.num_iterations, low=1)
+        _check_int("steps_per_rollout", self.steps_per_rollout, low=1)
+        n = self.prompts_per_step * self.num_generations
+        if n % self.steps_per_rollout:
+            raise ValueError(f"steps_per_rollout={self.steps_per_rollout} must divide prompts_per_step * "
+                             f"num_generations = {self.prompts_per_step} * {self.num_generations} = {n}")
+        if self.micro_batch_size is not None:
+            _check_int("micro_batch_size", self.micro_batch_size, low=1)
+            if self.mini_batch_size % self.micro_batch_size:
+                raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide the mini-batch of "
+                                 f"{self.mini_batch_size} completions (prompts_per_step * num_generations / "
+                                 f"steps_per_rollout)")
+
+        if self.max_prompt_length is not None:
+            _check_int("max_prompt_length", self.max_prompt_length, low=1)
+        _check_int("max_completion_length", self.max_completion_length, low=1)
+        _check_real("temperature", self.temperature, low=0.0, strict=True)
+        _check_real("top_p", self.top_p, low=0.0, strict=True)
+        if self.top_p > 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        _check_int("top_k", self.top_k, low=0)
+
+        _check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        _check_bool("mask_truncated_completions", self.mask_truncated_completions)
+        if self.reward_weights is not None:
+            if not isinstance(self.reward_weights, (list, tuple)) or not self.reward_weights:
+                raise ValueError(f"reward_weights must be a non-empty list of numbers, got {self.reward_weights!r}")
+            for i, w in enumerate(self.reward_weights):
+                _check_real(f"reward_weights[{i}]", w, low=float("-inf"))
+            self.reward_weights = [float(w) for w in self.reward_weights]
+
+        _check_int("save_steps", self.save_steps, low=0)
+        if self.save_total_limit is not None:
+            _check_int("save_total_limit", self.save_total_limit, low=1)
+        _check_int("logging_steps", self.logging_steps, low=1)
+        _check_choice("report_to", self.report_to, REPORT_TO)
+        _check_choice("dtype", self.dtype, DTYPES)
+        if self.logprob_chunk_size is not None:
+            _check_int("logprob_chunk_size", self.logprob_chunk_size, low=1)
+        if not isinstance(self.output_dir, (str, Path)) or not str(self.output_dir):
+            raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
+        self.output_dir = str(self.output_dir)
+        self.loss_config()  # LossConfig validates the loss fields and names the culprit
+
+    # ---- derived quantities ------------------------------------------------------------------------------
+
+    @property
+    def rollout_size(self) -> int:
+        """Completions per rollout: prompts_per_step * num_generations."""
+        return self.prompts_per_step * self.num_generations
+
+    @property
+    def mini_batch_size(self) -> int:
+        """Completions per optimizer step."""
+        return self.rollout_size // self.steps_per_rollout
+
+    @property
+    def micro_batch(self) -> int:
+        """Completions per forward/backward (``micro_batch_size`` or the whole mini-batch)."""
+        return self.mini_batch_size if self.micro_batch_size is None else self.micro_batch_size
+
+    @property
+    def steps_per_generation_cycle(self) -> int:
+        """Optimizer steps fed by one rollout: num_iterations * steps_per_rollout."""
+        return self.num_iterations * self.steps_per_rollout
+
+    def loss_config(self) -> LossConfig:
+        """The ``LossConfig`` these fields describe (``max_completion_length`` is shared with generation)."""
+        return LossConfig(
+            loss_type=self.loss_type, beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+            delta=self.delta, importance_sampling_level=self.importance_sampling_level,
+            kl_estimator=self.kl_estimator, max_completion_length=self.max_completion_length,
+            sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
+        )
+
+    # ---- serialisation -----------------------------------------------------------------------------------
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> GRPOConfig:
+        """Build from a mapping of field names; an unknown key raises ValueError naming the closest field."""
+        if not isinstance(data, dict):
+            raise ValueError(f"a GRPO config must be a mapping of field: value, got {type(data).__name__}")
+        check_keys(data, cls.field_names())
+        return cls(**{key: _coerce_number(cls, key, value) for key, value in data.items()})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> GRPOConfig:
+        return cls.from_dict(read_yaml(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "epsilon"}
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        """The resolved config as YAML (every field, in declaration order); written to ``path`` if given."""
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def replace(self, **changes: Any) -> GRPOConfig:
+        return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+def field_docs() -> dict[str, str]:
+    """{field: the docstring written under it in ``GRPOConfig``} (read from this file's source)."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(GRPOConfig))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def closest(name: str, choices: tuple[str, ...] | list[str]) -> str | None:
+    """The valid name closest to a misspelt one (difflib), or None when nothing is close."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
+def check_keys(data: dict[str, Any], valid: tuple[str, ...] | list[str]) -> None:
+    """ValueError for the first key of ``data`` not in ``valid``, suggesting the closest valid one."""
+    for key in data:
+        if key not in valid:
+            hint = closest(str(key), valid)
+            suggestion = f"; did you mean {hint!r}?" if hint else "; see `grpokit train --help` for the fields"
+            raise ValueError(f"unknown config key {key!r}{suggestion}")
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def _coerce_number(cls: type, name: str, value: Any) -> Any:
+    """YAML 1.1 reads ``1e-6`` (no dot) as a string; accept it for float fields."""
+    annotation = str(next(f.type for f in fields(cls) if f.name == name))
+    if isinstance(value, str) and "float" in annotation:
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _check_int(name: str, value: object, *, low: int, why: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        extra = f" ({why})" if why else ""
+        raise ValueError(f"{name} must be an integer >= {low}{extra}, got {value!r}")
+
+
+def _check_real(name: str, value: object, *, low: float, strict: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    ok = ok and abs(value) != float("inf") and (value > low if strict else value >= low)
+    if not ok:
+        bound = "" if low == float("-inf") else f" {'>' if strict else '>='} {low}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")

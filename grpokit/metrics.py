@@ -1,0 +1,121 @@
+"""What a run reports: ``metrics.jsonl`` (one JSON object per optimizer step), a progress bar or periodic
+lines, and ``metrics.png`` at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PLOTTED = ("reward", "kl", "completion_length", "entropy")
+
+
+def read_metrics(path: str | Path, upto_step: int | None = None) -> list[dict[str, Any]]:
+    """Rows of a ``metrics.jsonl`` (those with ``step <= upto_step`` when given); a torn last line is dropped."""
+    path = Path(path)
+    rows = []
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            break  # a line cut by a crash ends the readable part
+        if upto_step is None or row.get("step", 0) <= upto_step:
+            rows.append(row)
+    return rows
+
+
+class MetricsLogger:
+    """Appends one row per step to ``metrics.jsonl`` (flushed each step) and shows progress.
+
+    On a TTY: a tqdm bar with step, reward, kl and ETA. Otherwise: a plain line every ``logging_steps``.
+    ``start_step`` > 0 (a resumed run) first cuts ``metrics.jsonl`` back to the rows of steps <= start_step.
+    """
+
+    def __init__(self, output_dir: str | Path, *, max_steps: int, logging_steps: int, start_step: int = 0,
+                 progress: bool = True):
+        self.path = Path(output_dir) / "metrics.jsonl"
+        self.rows = read_metrics(self.path, upto_step=start_step) if start_step > 0 else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
+        self.file = self.path.open("a")
+        self.max_steps, self.logging_steps, self.start_step = max_steps, logging_steps, start_step
+        self.start_time = time.perf_counter()
+        self.bar = None
+        if progress and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=max_steps, initial=start_step, desc="grpo", unit="step", dynamic_ncols=True)
+        self.progress = progress
+
+    def log(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        self.file.write(json.dumps(row) + "\n")
+        self.file.flush()
+        step = row["step"]
+        if self.bar is not None:
+            shown = {"reward": _fmt(row.get("reward"), ".3f")}
+            if "kl" in row:
+                shown["kl"] = _fmt(row["kl"], ".4f")
+            self.bar.set_postfix(shown, refresh=False)
+            self.bar.update(1)
+        elif self.progress and (step % self.logging_steps == 0 or step == self.max_steps):
+            print(self.format_line(row), flush=True)
+
+    def format_line(self, row: dict[str, Any]) -> str:
+        step = row["step"]
+        elapsed = time.perf_counter() - self.start_time
+        done = max(step - self.start_step, 1)
+        eta = elapsed / done * (self.max_steps - step)
+        parts = [f"step {step}/{self.max_steps}",
+                 f"reward {_fmt(row.get('reward'), '.3f')} ± {_fmt(row.get('reward_std'), '.3f')}"]
+        if "kl" in row:
+            parts.append(f"kl {_fmt(row['kl'], '.4f')}")
+        parts += [f"loss {_fmt(row.get('loss'), '+.4f')}", f"len {_fmt(row.get('completion_length'), '.1f')}",
+                  f"entropy {_fmt(row.get('entropy'), '.2f')}", f"{elapsed / done:.3f} s/step", f"ETA {_hms(eta)}"]
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def plot_metrics(rows: list[dict[str, Any]], path: str | Path) -> None:
+    """reward, KL, completion length and entropy against step, in one PNG (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
+    steps = [r["step"] for r in rows]
+    for ax, name in zip(axes.flat, PLOTTED):
+        values = [math.nan if r.get(name) is None else r[name] for r in rows]
+        if name == "kl" and all(math.isnan(v) for v in values):
+            ax.text(0.5, 0.5, "beta = 0: no reference model", ha="center", va="center", transform=ax.transAxes)
+        else:
+            ax.plot(steps, values, lw=1.2)
+            if name == "reward" and "reward_std" in rows[0]:
+                std = [math.nan if r.get("reward_std") is None else r["reward_std"] for r in rows]
+                ax.fill_between(steps, [v - s for v, s in zip(values, std)], [v + s for v, s in zip(values, std)],
+                                alpha=0.2)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

@@ -1,0 +1,162 @@
+"""A lean sampling loop: prompts run once, then one token per step through the model's KV cache.
+
+Why not ``model.generate``: its per-step machinery (logits processors, stopping criteria, generation config
+resolution) costs more than the forward pass of a small model; this loop is the forward pass and a draw.
+Rows are left-padded so every row's next token sits in the last column; position ids come from the attention
+mask, so a padded row sees the same positions as it would alone (and as the training forward gives it).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from grpokit.data import left_pad
+from grpokit.rollout.sampling import sample_next
+
+
+@dataclass
+class Rollout:
+    """N sampled completions and their prompts. B = N rows, P = longest prompt, C = longest completion."""
+
+    prompt_ids: torch.Tensor
+    """(B, P) long, left-padded with the pad id."""
+    prompt_mask: torch.Tensor
+    """(B, P) long, 1 on prompt tokens, 0 on left padding."""
+    completion_ids: torch.Tensor
+    """(B, C) long, right-padded with the pad id after the first EOS (C <= max_completion_length)."""
+    completion_mask: torch.Tensor
+    """(B, C) long, 1 on completion tokens up to and including the first EOS, 0 after it."""
+    is_truncated: torch.Tensor
+    """(B,) bool, True where max_completion_length was reached without an EOS."""
+    sampling_logps: torch.Tensor
+    """(B, C) log-probs of the drawn tokens under the sampled (tempered, unfiltered) distribution, recorded by
+    the KV-cache path; 0 on padding. Diagnostics only: the loss recomputes log-probs with a full forward."""
+    texts: list[str]
+    """B decoded completions (special tokens skipped, so no EOS)."""
+
+    @property
+    def num_tokens(self) -> int:
+        """Completion tokens counted by the mask (EOS included)."""
+        return int(self.completion_mask.sum())
+
+
+def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) 0/1 attention mask -> (B, T) positions counting only real tokens (0 on left padding)."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
+    """(B, C) -> (B, C) long mask, 1 through the first EOS of each row (every token when there is none)."""
+    is_eos = torch.isin(completion_ids, torch.as_tensor(list(eos_token_ids), device=completion_ids.device))
+    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0  # (B, C) True strictly after the first EOS
+    return (~after_eos).long()
+
+
+def cache_argument(model: torch.nn.Module) -> str:
+    """Name of the KV-cache argument of ``model.forward``: ``cache`` (transformers >= 5.2x) or
+    ``past_key_values`` (older releases)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def new_cache(model: torch.nn.Module):
+    from transformers import DynamicCache
+
+    config = getattr(model, "config", None)
+    try:
+        return DynamicCache(config=config)
+    except TypeError:  # releases whose DynamicCache takes no config
+        return DynamicCache()
+
+
+@torch.inference_mode()
+def sample(
+    model: torch.nn.Module,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sample up to ``max_new_tokens`` tokens per row of a left-padded batch.
+
+    Returns ``completion_ids`` (B, C), ``completion_mask`` (B, C), ``is_truncated`` (B,), ``sampling_logps``
+    (B, C). Stops as soon as every row has emitted an EOS; tokens after a row's EOS are the pad id.
+    """
+    B = prompt_ids.size(0)
+    eos = torch.as_tensor(list(eos_token_ids), device=prompt_ids.device)
+    attention_mask = prompt_mask  # (B, P), grows by one column per step
+    next_position = prompt_mask.sum(-1, keepdim=True)  # (B, 1) position of the first completion token
+
+    cache = {cache_argument(model): new_cache(model)}  # filled in place by every forward below
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+                use_cache=True, logits_to_keep=1, **cache)
+    logits = out.logits[:, -1]  # (B, V)
+
+    tokens, logps = [], []
+    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+    for step in range(max_new_tokens):
+        token, logp = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        token = token.masked_fill(done, pad_token_id)  # (B,)
+        tokens.append(token)
+        logps.append(logp.masked_fill(done, 0.0))
+        done = done | torch.isin(token, eos)
+        if step == max_new_tokens - 1 or bool(done.all()):
+            break
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)  # (B, P + step + 1)
+        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position + step,
+                    use_cache=True, **cache)
+        logits = out.logits[:, -1]
+
+    completion_ids = torch.stack(tokens, dim=1)  # (B, C)
+    completion_mask = completion_mask_from_eos(completion_ids, eos_token_ids)  # (B, C)
+    is_truncated = ~done  # reached max_new_tokens without EOS
+    sampling_logps = torch.stack(logps, dim=1)  # (B, C)
+    return completion_ids, completion_mask, is_truncated, sampling_logps
+
+
+def generate(
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> Rollout:
+    """Sample one completion per prompt (token id lists; repeat a prompt G times for a group) -> ``Rollout``.
+
+    The model is put in eval mode while sampling and given back in the mode it came in.
+    """
+    device = next(model.parameters()).device
+    prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id)  # (B, P)
+    prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        completion_ids, completion_mask, is_truncated, sampling_logps = sample(
+            model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
+            pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p,
+            generator=generator,
+        )
+    finally:
+        model.train(was_training)
+    # inference-mode tensors cannot enter autograd later: clone them into normal ones
+    completion_ids, completion_mask = completion_ids.clone(), completion_mask.clone()
+    is_truncated, sampling_logps = is_truncated.clone(), sampling_logps.clone()
+    kept = [row[m.bool()].tolist() for row, m in zip(completion_ids.cpu(), completion_mask.cpu())]
+    texts = tokenizer.batch_decode(kept, skip_special_tokens=True)
+    return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
+                   completion_mask=completion_mask, is_truncated=is_truncated, sampling_logps=sampling_logps,
+                   texts=texts)

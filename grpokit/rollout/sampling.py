@@ -1,0 +1,50 @@
+"""Next-token sampling: temperature, top-k, top-p, from a seeded generator. Pure functions of the logits."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tempered_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """logits / T in at least float32: the distribution that is sampled AND scored by the loss (TRL #4159)."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return logits / temperature if temperature != 1.0 else logits
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf every token outside the top-k and outside the smallest set whose mass reaches top_p.
+
+    logits: (B, V) already tempered. ``top_k=0`` and ``top_p=1`` are no-ops. The most likely token always stays.
+    """
+    if top_k > 0 and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+        drop_sorted = mass_before >= top_p  # the first token has mass_before 0 < top_p: always kept
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row. logits: (B, V) raw scores of the next position.
+
+    Returns ``tokens`` (B,) and ``logps`` (B,): log-probs of the drawn tokens under log_softmax(logits / T),
+    the unfiltered tempered distribution that the loss scores (top-k/top-p shape sampling only, as in TRL).
+    """
+    z = tempered_logits(logits, temperature)  # (B, V)
+    probs = torch.softmax(filter_logits(z, top_k, top_p), dim=-1)  # (B, V)
+    tokens = torch.multinomial(probs, 1, generator=generator)  # (B, 1)
+    logps = torch.log_softmax(z, dim=-1).gather(-1, tokens)  # (B, 1)
+    return tokens.squeeze(-1), logps.squeeze(-1)

@@ -1,0 +1,384 @@
+"""``GRPOTrainer``: Group Relative Policy Optimization (DeepSeekMath, arXiv 2402.03300, Algorithm 1).
+
+The loop, one rollout at a time (``train``):
+
+1. take ``prompts_per_step`` prompts and sample G = ``num_generations`` completions of each  (``rollout``)
+2. score every completion with the reward functions                                         (``score``)
+3. turn rewards into group-relative advantages A_i = (r_i - mean) / std                     (``group_advantages``)
+4. record log pi_old (only if the rollout feeds several steps) and log pi_ref (only if beta > 0)
+5. mu = ``num_iterations`` passes x ``steps_per_rollout`` mini-batches, one AdamW step each  (``update``),
+   accumulating gradients over micro-batches so that ``micro_batch_size`` never changes the update
+6. log one row of metrics per optimizer step; checkpoint every ``save_steps`` and at the end
+
+The math is elsewhere: ``grpo_loss`` (eq. 3 and variants), ``group_advantages`` (4.1.2), ``token_logprobs``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from grpokit.advantages import group_advantages, nanstd
+from grpokit.batch import Batch, completion_logps
+from grpokit.checkpoint import (
+    TrainingState,
+    load_checkpoint_state,
+    load_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+    set_rng_state,
+)
+from grpokit.config import GRPOConfig
+from grpokit.data import PromptOrder, encode_prompt, is_chat, load_prompts
+from grpokit.losses import BatchTotals, grpo_loss
+from grpokit.metrics import MetricsLogger, plot_metrics, read_metrics
+from grpokit.rewards import load_reward_funcs, score
+from grpokit.rollout import generate
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class GRPOTrainer:
+    """Train a causal LM with GRPO.
+
+    Args:
+        model: a hub id or local path (``AutoModelForCausalLM`` + ``AutoTokenizer``), or an ``nn.Module``
+            (a Hugging Face causal LM) together with ``tokenizer``. It is cast to ``args.dtype`` in place.
+        reward_funcs: one reward function or a list (callables, built-in names, "module:function",
+            "file.py:function"); TRL's contract ``f(prompts, completions, completion_ids, **columns)``.
+        train_dataset: a ``datasets.Dataset``, a list of dicts or a path; column ``prompt`` is a string or
+            a list of chat messages, every other column reaches the reward functions.
+        args: the ``GRPOConfig``.
+        ref_model: pi_ref (path or module). ``None``: a frozen copy of the initial policy when beta > 0.
+        tokenizer: a tokenizer or a path; ``None`` loads it from ``model`` when that is a path.
+    """
+
+    def __init__(self, model, reward_funcs, train_dataset, args: GRPOConfig | None = None, *, ref_model=None,
+                 tokenizer=None):
+        self.args = args = args if args is not None else GRPOConfig()
+        self.dtype = DTYPES[args.dtype]
+        self.model, self.tokenizer = load_policy(model, tokenizer, self.dtype)
+        self.reward_funcs = load_reward_funcs(reward_funcs)
+        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(args.reward_weights)} entries for "
+                             f"{len(self.reward_funcs)} reward functions")
+        self.dataset = load_prompts(train_dataset)
+        self.columns = [c for c in self.dataset.column_names if c != "prompt"]
+        self.loss_config = args.loss_config()
+        self.ref_model = make_reference(self.model, ref_model, args.beta, self.dtype)
+        self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
+
+        self.optimizer = make_optimizer(self.model, args)
+        self.scheduler = make_scheduler(self.optimizer, args)
+        self.order = PromptOrder(num_rows=len(self.dataset), seed=args.seed)
+        self.generator = torch.Generator(device=next(self.model.parameters()).device).manual_seed(args.seed)
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self._batch: Batch | None = None  # the rollout being trained on, until its mu * S steps are done
+        self._rollout_metrics: dict[str, float] = {}
+        self._prompt_cache: dict[int, list[int]] = {}
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: bool | str | Path | None = None) -> list[dict[str, Any]]:
+        """Run until ``max_steps`` optimizer steps; returns the metrics rows. ``resume_from_checkpoint``:
+        ``True`` for the newest checkpoint in ``output_dir``, or a checkpoint path."""
+        args = self.args
+        output_dir = Path(args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if resume_from_checkpoint:
+            self.resume(resolve_checkpoint(output_dir, resume_from_checkpoint))
+        else:
+            seed_everything(args.seed)
+        args.to_yaml(output_dir / "config.yaml")
+        logger = MetricsLogger(output_dir, max_steps=args.max_steps, logging_steps=args.logging_steps,
+                               start_step=self.step)
+        steps_per_rollout_cycle = args.steps_per_generation_cycle  # mu * steps_per_rollout
+        saved_at = None
+        self.model.train()
+        try:
+            while self.step < args.max_steps:
+                start = time.perf_counter()
+                # 1-4. a fresh rollout when the previous one has fed its mu * S optimizer steps
+                if self._batch is None:
+                    self._batch, self._rollout_metrics = self.rollout()
+                # 5. one optimizer step on mini-batch k of pass k // S
+                k = self.step % steps_per_rollout_cycle
+                mini = self._batch[self.mini_batch_rows(k % args.steps_per_rollout)]
+                step_metrics = self.update(mini)
+                self.step += 1
+                if self.step % steps_per_rollout_cycle == 0:
+                    self._batch = None
+                # 6. log, checkpoint
+                elapsed = time.perf_counter() - start
+                row = {"step": self.step, **self._rollout_metrics, **step_metrics, "step_time": elapsed,
+                       "tokens_per_s": step_metrics.pop("num_tokens") / elapsed}
+                logger.log(row)
+                if args.save_steps and self.step % args.save_steps == 0:
+                    self.save_checkpoint()
+                    saved_at = self.step
+            if saved_at != self.step:
+                self.save_checkpoint()
+        finally:
+            logger.close()
+            self.history = logger.rows
+        if self.history:
+            plot_metrics(self.history, output_dir / "metrics.png")
+        return self.history
+
+    def mini_batch_rows(self, index: int) -> slice:
+        """Rows of mini-batch ``index`` of a rollout: consecutive blocks, so groups stay together."""
+        size = self.args.mini_batch_size
+        return slice(index * size, (index + 1) * size)
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def rollout(self) -> tuple[Batch, dict[str, float]]:
+        """Steps 1-4: sample, score, advantages, pi_old / pi_ref log-probs. Returns the batch and its metrics."""
+        args, G = self.args, self.args.num_generations
+        rows = self.order.take(args.prompts_per_step)
+        examples = [self.dataset[i] for i in rows]
+        prompt_tokens = [self.encode(i, ex["prompt"]) for i, ex in zip(rows, examples)]
+
+        # 1. sample G completions per prompt; a group's completions are consecutive rows
+        rollout = generate(
+            self.model, self.tokenizer, [p for p in prompt_tokens for _ in range(G)],
+            max_new_tokens=args.max_completion_length, eos_token_ids=self.eos_token_ids,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=self.generator,
+        )
+        # 2. rewards (TRL's contract: chat prompts get chat-shaped completions)
+        prompts = [ex["prompt"] for ex in examples for _ in range(G)]
+        completions = [[{"role": "assistant", "content": text}] if is_chat(p) else text
+                       for p, text in zip(prompts, rollout.texts)]
+        completion_ids = [ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)]
+        columns = {c: [ex[c] for ex in examples for _ in range(G)] for c in self.columns}
+        scores = score(self.reward_funcs, args.reward_weights, prompts, completions, completion_ids, columns)
+        # 3. group-relative advantages (DeepSeekMath 4.1.2), NaN rewards -> 0
+        advantages = group_advantages(scores.rewards, G, args.scale_rewards)  # (N,)
+
+        loss_mask = rollout.completion_mask
+        if args.mask_truncated_completions:
+            loss_mask = loss_mask * (~rollout.is_truncated).long().unsqueeze(1)  # (N, C)
+        batch = Batch(prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask,
+                      completion_ids=rollout.completion_ids, completion_mask=rollout.completion_mask,
+                      loss_mask=loss_mask, advantages=advantages)
+        # 4. pi_old only when this rollout feeds more than one optimizer step (else pi_old = sg(pi_theta));
+        #    pi_ref only when beta > 0. Both before any update, without gradients.
+        if args.steps_per_generation_cycle > 1:
+            batch.old_logps = self.frozen_logps(self.model, batch)
+        if self.ref_model is not None and args.beta > 0:
+            batch.ref_logps = self.frozen_logps(self.ref_model, batch)
+        return batch, rollout_metrics(scores, self.reward_funcs, rollout.completion_mask, rollout.is_truncated, G)
+
+    def update(self, mini: Batch) -> dict[str, float]:
+        """Step 5 for one mini-batch: forward/backward over micro-batches, clip, one AdamW step.
+
+        Micro-batch losses are normalised by the mini-batch's sequence count (grpo, sapo, dr_grpo) or token
+        count (bnpo, dapo, cispo), so their summed gradients equal the one-big-batch gradient."""
+        num_items = mini.loss_mask.sum()
+        # one process: the optimizer step's batch is also the global batch of dapo/cispo
+        totals = BatchTotals(num_sequences=len(mini), num_tokens=num_items, num_items_in_batch=num_items)
+        sums = {"loss": 0.0, "entropy": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio_low": 0.0,
+                "clip_ratio_high": 0.0, "ratio_mean": 0.0}
+        tokens = max(int(num_items), 1)
+        for micro in mini.split(self.args.micro_batch):
+            logps, entropy = completion_logps(
+                self.model, micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask,
+                temperature=self.args.temperature, chunk_size=self.args.logprob_chunk_size, return_entropy=True,
+            )  # (n, C) each
+            out = grpo_loss(logps, micro.advantages, micro.loss_mask, old_logps=micro.old_logps,
+                            ref_logps=micro.ref_logps, config=self.loss_config, totals=totals)
+            out.loss.backward()
+            share = float(micro.loss_mask.sum()) / tokens  # token-weighted means over the mini-batch
+            sums["loss"] += out.loss.item()
+            sums["entropy"] += float((entropy.detach() * micro.loss_mask).sum()) / tokens
+            for name in ("kl", "clip_ratio", "clip_ratio_low", "clip_ratio_high", "ratio_mean"):
+                sums[name] += out.metrics.get(name, 0.0) * share
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.args.beta == 0:
+            del sums["kl"]
+        return {**sums, "learning_rate": learning_rate, "grad_norm": float(grad_norm),
+                "num_tokens": int(mini.completion_mask.sum())}
+
+    @torch.no_grad()
+    def frozen_logps(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+        """log-probs (N, C) of the sampled tokens under ``model`` as it is now, micro-batch by micro-batch."""
+        parts = [completion_logps(model, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask,
+                                  temperature=self.args.temperature, chunk_size=self.args.logprob_chunk_size)
+                 for b in batch.split(self.args.micro_batch)]
+        return torch.cat(parts, dim=0)
+
+    def encode(self, row: int, prompt) -> list[int]:
+        if row not in self._prompt_cache:
+            self._prompt_cache[row] = encode_prompt(self.tokenizer, prompt, self.args.max_prompt_length)
+        return self._prompt_cache[row]
+
+    # ------------------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self) -> Path:
+        """``output_dir/checkpoint-<step>/``: weights, tokenizer, optimizer, scheduler, RNGs, data order, and
+        the current rollout when the step falls inside one."""
+        rollout = None
+        if self._batch is not None:
+            rollout = {"batch": self._batch.state_dict(), "metrics": self._rollout_metrics}
+        state = TrainingState(step=self.step, data_order=self.order.state_dict(), config=self.args.to_dict())
+        return save_checkpoint(
+            self.args.output_dir, state=state, model=self.model, tokenizer=self.tokenizer,
+            optimizer=self.optimizer, scheduler=self.scheduler, generator=self.generator, ref_model=self.ref_model,
+            rollout=rollout, save_total_limit=self.args.save_total_limit,
+        )
+
+    def resume(self, path: Path) -> None:
+        """Restore everything ``save_checkpoint`` wrote, so the run continues as if never stopped."""
+        state, tensors = load_checkpoint_state(path)
+        load_weights(self.model, path)
+        if self.ref_model is not None and (path / "ref_model").is_dir():
+            load_weights(self.ref_model, path / "ref_model")
+        self.optimizer.load_state_dict(tensors["optimizer"])
+        self.scheduler.load_state_dict(tensors["scheduler"])
+        set_rng_state(tensors["rng"], self.generator)
+        self.order.load_state_dict(state.data_order)
+        self.step = state.step
+        self._batch, self._rollout_metrics = None, {}
+        if tensors["rollout"] is not None:
+            self._batch = Batch(**tensors["rollout"]["batch"])
+            self._rollout_metrics = tensors["rollout"]["metrics"]
+        self.history = read_metrics(Path(self.args.output_dir) / "metrics.jsonl", upto_step=self.step)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# set-up helpers
+
+
+def load_policy(model, tokenizer, dtype: torch.dtype):
+    """(model, tokenizer) from a path/hub id or a module; the pad token defaults to EOS."""
+    from transformers import AutoTokenizer
+
+    if isinstance(model, (str, Path)):
+        source = str(model)
+        model = load_model(source, dtype)
+        if tokenizer is None:
+            tokenizer = source
+    elif not isinstance(model, torch.nn.Module):
+        raise ValueError(f"model must be a path, a hub id or an nn.Module, got {type(model).__name__}")
+    elif tokenizer is None:
+        raise ValueError("a model given as an nn.Module needs tokenizer=")
+    else:
+        model.to(dtype)
+    if isinstance(tokenizer, (str, Path)):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot load tokenizer {str(tokenizer)!r}: {str(e).splitlines()[0]}") from e
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has neither a pad token nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def load_model(source: str, dtype: torch.dtype) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot load model {source!r}: {str(e).splitlines()[0]}") from e
+
+
+def make_reference(model: torch.nn.Module, ref_model, beta: float, dtype: torch.dtype) -> torch.nn.Module | None:
+    """pi_ref: the given model, or a deep copy of the initial policy when beta > 0; frozen, in eval mode."""
+    if ref_model is None and beta == 0:
+        return None
+    if ref_model is None:
+        ref = copy.deepcopy(model)
+    elif isinstance(ref_model, (str, Path)):
+        ref = load_model(str(ref_model), dtype)
+    else:
+        ref = ref_model.to(dtype)
+    if beta == 0:
+        warnings.warn("ref_model is given but beta = 0: the reference model is not used", stacklevel=3)
+    ref.eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def eos_token_ids(model, tokenizer) -> list[int]:
+    """Tokens that end a completion: the tokenizer's EOS plus the model's generation_config EOS ids (as TRL)."""
+    ids = []
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    extra = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for i in [extra] if isinstance(extra, int) else (extra or []):
+        if i not in ids:
+            ids.append(i)
+    return ids
+
+
+def make_optimizer(model: torch.nn.Module, args: GRPOConfig) -> torch.optim.AdamW:
+    """AdamW with TRL/transformers defaults; weight decay on matrices only (not biases, not norms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate,
+                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, args: GRPOConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up, then constant / linear to 0 / cosine to 0 at ``max_steps`` (transformers' formulas)."""
+    warmup, total = args.warmup_steps, args.max_steps
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if args.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if args.lr_scheduler == "linear":
+            return max(0.0, 1.0 - progress)
+        return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rollout_metrics(scores, reward_funcs, completion_mask: torch.Tensor, is_truncated: torch.Tensor,
+                    group_size: int) -> dict[str, float]:
+    """Per-rollout statistics: reward mean/std, each function's mean, lengths, truncation, flat groups."""
+    rewards = scores.rewards  # (N,)
+    grouped = rewards.view(-1, group_size)  # (P, G)
+    group_std = nanstd(grouped, dim=1)  # (P,)
+    flat = torch.isnan(group_std) | torch.isclose(group_std, torch.zeros_like(group_std))
+    lengths = completion_mask.sum(-1).float()  # (N,)
+    metrics = {"reward": _nan_to_none(torch.nanmean(rewards)), "reward_std": _nan_to_none(nanstd(rewards))}
+    for j, fn in enumerate(reward_funcs):
+        metrics[f"rewards/{fn.name}"] = _nan_to_none(torch.nanmean(scores.per_func[:, j]))
+    metrics.update(completion_length=lengths.mean().item(), completion_length_max=lengths.max().item(),
+                   truncated_ratio=is_truncated.float().mean().item(),
+                   frac_zero_std_groups=flat.float().mean().item())
+    return metrics
+
+
+def _nan_to_none(x: torch.Tensor) -> float | None:
+    value = float(x)
+    return None if math.isnan(value) else value

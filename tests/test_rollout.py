@@ -1,0 +1,135 @@
+"""The KV-cache sampling loop: same distribution as a full forward, EOS masking, truncation, filters."""
+
+import functools
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from grpokit.batch import completion_logps
+from grpokit.data import encode_prompt, left_pad
+from grpokit.demo import char_tokenizer, tiny_model
+from grpokit.rollout import completion_mask_from_eos, filter_logits, generate, position_ids_from_mask, sample
+
+EOS, PAD = 0, 0
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tokenizer):
+    return tiny_model(tokenizer, seed=0, dtype=torch.float64).eval()
+
+
+def _prompts(tokenizer):
+    return [encode_prompt(tokenizer, p) for p in ["ab", "a much longer prompt", "x"] for _ in range(2)]
+
+
+def test_incremental_logits_equal_full_forward(model, tokenizer):
+    """Every step's next-token logits from the KV cache equal those of one no-cache forward over the whole
+    left-padded sequence with mask-derived positions."""
+    captured = []
+    forward = model.forward
+
+    @functools.wraps(forward)  # keeps the signature: the loop looks up the name of the cache argument
+    def recording_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        captured.append(out.logits[:, -1].detach().clone())
+        return out
+
+    prompt_ids, prompt_mask = left_pad(_prompts(tokenizer), tokenizer.pad_token_id)
+    model.forward = recording_forward
+    try:
+        ids, mask, _, _ = sample(model, prompt_ids, prompt_mask, max_new_tokens=6, eos_token_ids=[-1],
+                                 pad_token_id=PAD, generator=torch.Generator().manual_seed(0))
+    finally:
+        del model.forward
+    assert ids.shape == (6, 6) and len(captured) == 6  # prefill + 5 decode steps, no EOS possible
+    full_ids = torch.cat([prompt_ids, ids], dim=1)
+    full_mask = torch.cat([prompt_mask, torch.ones_like(ids)], dim=1)
+    with torch.no_grad():
+        logits = model(input_ids=full_ids, attention_mask=full_mask,
+                       position_ids=position_ids_from_mask(full_mask)).logits  # (B, P + C, V)
+    P = prompt_ids.size(1)
+    for t, step_logits in enumerate(captured):
+        torch.testing.assert_close(step_logits, logits[:, P - 1 + t], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_sampling_logps_equal_training_logps(model, tokenizer, temperature):
+    """The tokens are scored by the training path under the same tempered distribution they were drawn from."""
+    r = generate(model, tokenizer, _prompts(tokenizer), max_new_tokens=8, eos_token_ids=[EOS],
+                 temperature=temperature, generator=torch.Generator().manual_seed(1))
+    logps = completion_logps(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
+                             temperature=temperature)
+    m = r.completion_mask.bool()
+    torch.testing.assert_close(logps[m], r.sampling_logps[m], rtol=1e-9, atol=1e-9)
+
+
+def test_same_seed_same_rollout(model, tokenizer):
+    run = lambda: generate(model, tokenizer, _prompts(tokenizer), max_new_tokens=8, eos_token_ids=[EOS],
+                           generator=torch.Generator().manual_seed(7))
+    a, b = run(), run()
+    assert torch.equal(a.completion_ids, b.completion_ids) and a.texts == b.texts
+
+
+class Scripted(torch.nn.Module):
+    """A stand-in LM whose step-t token for row b is script[b][t] (logits one-hot)."""
+
+    def __init__(self, script, vocab=10):
+        super().__init__()
+        self.script, self.vocab, self.calls = torch.tensor(script), vocab, 0
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.config = None
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, use_cache=True, logits_to_keep=0,
+                cache=None):
+        logits = torch.full((input_ids.size(0), 1, self.vocab), -1e4)
+        logits[torch.arange(input_ids.size(0)), 0, self.script[:, self.calls]] = 0.0
+        self.calls += 1
+        return SimpleNamespace(logits=logits)
+
+
+def test_eos_masking_truncation_and_early_stop():
+    script = [[5, EOS, 7, 7, 7, 7],   # EOS at step 1
+              [6, 6, 6, 6, 6, 6],     # never: truncated
+              [EOS, 3, 3, 3, 3, 3]]   # EOS first
+    model = Scripted(script)
+    ids, mask, truncated, logps = sample(model, torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.long),
+                                         max_new_tokens=4, eos_token_ids=[EOS], pad_token_id=9)
+    assert ids.tolist() == [[5, EOS, 9, 9], [6, 6, 6, 6], [EOS, 9, 9, 9]]  # pad after EOS
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]  # through the first EOS
+    assert truncated.tolist() == [False, True, False]
+    assert model.calls == 4  # max_new_tokens forwards: the last token needs no forward after it
+
+    done_early = Scripted([[EOS, 1, 1, 1, 1], [4, EOS, 1, 1, 1]])
+    ids, mask, truncated, _ = sample(done_early, torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long),
+                                     max_new_tokens=5, eos_token_ids=[EOS], pad_token_id=9)
+    assert ids.shape == (2, 2) and done_early.calls == 2 and not truncated.any()  # stopped once all rows ended
+
+
+def test_completion_mask_from_eos_handles_several_eos_ids():
+    ids = torch.tensor([[1, 2, 3, 2], [3, 3, 3, 3], [4, 4, 4, 4]])
+    assert completion_mask_from_eos(ids, [2, 3]).tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+
+
+def test_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.75)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.85)).tolist() == [[False, False, False, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.1)).tolist() == [[False, True, True, True]]  # top-1 stays
+    assert torch.equal(filter_logits(logits), logits)
+
+
+def test_top_k_one_is_greedy(model, tokenizer):
+    r = generate(model, tokenizer, _prompts(tokenizer), max_new_tokens=5, eos_token_ids=[EOS], top_k=1,
+                 generator=torch.Generator().manual_seed(3))
+    prompt_ids, prompt_mask = r.prompt_ids, r.prompt_mask
+    with torch.no_grad():
+        first = model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                      position_ids=position_ids_from_mask(prompt_mask)).logits[:, -1].argmax(-1)
+    assert torch.equal(r.completion_ids[:, 0], first)
