@@ -24,7 +24,7 @@ test: lint
 	$(BIN)/python -m pytest tests
 
 demo: $(STAMP)
-	$(BIN)/grpokit verify
+	$(BIN)/grpokit verify && $(BIN)/grpokit train
 
 clean:
 	rm -rf $(VENV) runs

@@ -4,14 +4,20 @@
 
 * ``char_tokenizer()``: one token per character plus chat special tokens, wrapped in
   ``PreTrainedTokenizerFast`` with a chat template, so ``save_pretrained``/``from_pretrained`` work.
-* ``tiny_model(tokenizer)``: a 2-layer, hidden-64 Llama with random weights.
-* ``letter_task()``: chat prompts "say <letter> <n> times" -> target string; graded reward ``char_match``
-  (position-wise matching characters / the longer length), so a random policy scores about 0.
+* ``tiny_model(tokenizer)``: a 2-layer, hidden-64 Llama with random weights (tied embeddings).
+* ``letter_task()``: the user says one letter, the answer is that letter four times ("c" -> "cccc");
+  graded reward ``char_match`` (position-wise matching characters / the longer length). A random policy
+  scores about 0.02 (1 in 51 characters); the policy must read the prompt to score above 1/6.
+
+Completions are capped at four tokens, so the demo does not ask the model to emit EOS. That is deliberate:
+from random weights, GRPO almost never discovers "stop exactly after the fourth letter" (the letter's
+probability saturates at every position before EOS is ever sampled at the right one; measured at 100-500
+steps, several seeds), so a length-sensitive variant plateaus at 0.8. A pretrained model does not have
+that exploration problem.
 """
 
 from __future__ import annotations
 
-import random
 import time
 from pathlib import Path
 
@@ -24,7 +30,8 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-DEMO_LETTERS = "abcdefgh"
+DEMO_LETTERS = "abcdef"
+DEMO_LENGTH = 4
 
 
 def char_tokenizer(chars: str = CHARS):
@@ -66,15 +73,9 @@ def tiny_model(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, seed: i
     return model
 
 
-def letter_task(num_prompts: int = 64, *, letters: str = DEMO_LETTERS, min_count: int = 1, max_count: int = 4,
-                seed: int = 0) -> list[dict]:
-    """Rows ``{"prompt": [chat message], "target": str}``: "say c 3 times" -> "ccc" (then EOS)."""
-    rng = random.Random(seed)
-    rows = []
-    for _ in range(num_prompts):
-        letter, count = rng.choice(letters), rng.randint(min_count, max_count)
-        rows.append({"prompt": [{"role": "user", "content": f"{letter} {count}"}], "target": letter * count})
-    return rows
+def letter_task(letters: str = DEMO_LETTERS, *, length: int = DEMO_LENGTH, copies: int = 10) -> list[dict]:
+    """Rows ``{"prompt": [{"role": "user", "content": "c"}], "target": "cccc"}``, ``copies`` of each letter."""
+    return [{"prompt": [{"role": "user", "content": c}], "target": c * length} for c in letters for _ in range(copies)]
 
 
 def demo_config(**overrides):
@@ -83,7 +84,7 @@ def demo_config(**overrides):
 
     fields = dict(
         output_dir="runs/demo", seed=0, max_steps=200, learning_rate=3e-3, prompts_per_step=8, num_generations=8,
-        max_completion_length=8, beta=0.0, save_steps=0, logging_steps=20,
+        max_completion_length=DEMO_LENGTH, beta=0.0, save_steps=0, logging_steps=20,
     )
     fields.update(overrides)
     return GRPOConfig.from_dict(fields)
@@ -94,10 +95,13 @@ def build_demo(config):
     that the trainer loads them with from_pretrained, as it would a real model."""
     tokenizer = char_tokenizer()
     model = tiny_model(tokenizer, seed=config.seed)
+    from grpokit.trainer import quiet_transformers
+
     init = Path(config.output_dir) / "init"
-    model.save_pretrained(init)
+    with quiet_transformers():
+        model.save_pretrained(init)
     tokenizer.save_pretrained(init)
-    return str(init), letter_task(seed=config.seed)
+    return str(init), letter_task()
 
 
 def run_demo(overrides: dict | None = None, resume_from_checkpoint=None) -> dict | None:
@@ -107,8 +111,8 @@ def run_demo(overrides: dict | None = None, resume_from_checkpoint=None) -> dict
     start = time.perf_counter()
     config = demo_config(**(overrides or {}))
     model_path, dataset = build_demo(config)
-    print(f"grpokit demo: random-init 2-layer Llama (hidden 64), character tokenizer, task 'say <letter> <n> "
-          f"times'; GRPO {config.prompts_per_step} prompts x {config.num_generations} completions, "
+    print(f"grpokit demo: random-init 2-layer Llama (hidden 64), character tokenizer, task 'c' -> 'cccc' "
+          f"(letters {DEMO_LETTERS}); GRPO {config.prompts_per_step} prompts x {config.num_generations} completions, "
           f"{config.max_steps} steps -> {config.output_dir}/", flush=True)
     trainer = GRPOTrainer(model_path, "char_match", dataset, args=config)
     history = trainer.train(resume_from_checkpoint=resume_from_checkpoint)

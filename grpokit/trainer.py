@@ -15,6 +15,7 @@ The math is elsewhere: ``grpo_loss`` (eq. 3 and variants), ``group_advantages`` 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
@@ -65,13 +66,14 @@ class GRPOTrainer:
                  tokenizer=None):
         self.args = args = args if args is not None else GRPOConfig()
         self.dtype = DTYPES[args.dtype]
-        self.model, self.tokenizer = load_policy(model, tokenizer, self.dtype)
+        # cheap checks first: a typo in a reward name should not wait for a model to load
         self.reward_funcs = load_reward_funcs(reward_funcs)
         if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights has {len(args.reward_weights)} entries for "
                              f"{len(self.reward_funcs)} reward functions")
         self.dataset = load_prompts(train_dataset)
         self.columns = [c for c in self.dataset.column_names if c != "prompt"]
+        self.model, self.tokenizer = load_policy(model, tokenizer, self.dtype)
         self.loss_config = args.loss_config()
         self.ref_model = make_reference(self.model, ref_model, args.beta, self.dtype)
         self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
@@ -102,7 +104,7 @@ class GRPOTrainer:
         logger = MetricsLogger(output_dir, max_steps=args.max_steps, logging_steps=args.logging_steps,
                                start_step=self.step)
         steps_per_rollout_cycle = args.steps_per_generation_cycle  # mu * steps_per_rollout
-        saved_at = None
+        saved_at = self.step if resume_from_checkpoint else None
         self.model.train()
         try:
             while self.step < args.max_steps:
@@ -162,7 +164,7 @@ class GRPOTrainer:
         columns = {c: [ex[c] for ex in examples for _ in range(G)] for c in self.columns}
         scores = score(self.reward_funcs, args.reward_weights, prompts, completions, completion_ids, columns)
         # 3. group-relative advantages (DeepSeekMath 4.1.2), NaN rewards -> 0
-        advantages = group_advantages(scores.rewards, G, args.scale_rewards)  # (N,)
+        advantages = group_advantages(scores.rewards, G, args.scale_rewards).to(rollout.completion_ids.device)  # (N,)
 
         loss_mask = rollout.completion_mask
         if args.mask_truncated_completions:
@@ -237,8 +239,9 @@ class GRPOTrainer:
         if self._batch is not None:
             rollout = {"batch": self._batch.state_dict(), "metrics": self._rollout_metrics}
         state = TrainingState(step=self.step, data_order=self.order.state_dict(), config=self.args.to_dict())
-        return save_checkpoint(
-            self.args.output_dir, state=state, model=self.model, tokenizer=self.tokenizer,
+        with quiet_transformers():
+            return save_checkpoint(
+                self.args.output_dir, state=state, model=self.model, tokenizer=self.tokenizer,
             optimizer=self.optimizer, scheduler=self.scheduler, generator=self.generator, ref_model=self.ref_model,
             rollout=rollout, save_total_limit=self.args.save_total_limit,
         )
@@ -272,6 +275,8 @@ def load_policy(model, tokenizer, dtype: torch.dtype):
     if isinstance(model, (str, Path)):
         source = str(model)
         model = load_model(source, dtype)
+        if torch.cuda.is_available():  # a module passed in stays on its device; a loaded one uses the GPU
+            model.to("cuda")
         if tokenizer is None:
             tokenizer = source
     elif not isinstance(model, torch.nn.Module):
@@ -296,7 +301,8 @@ def load_model(source: str, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     try:
-        return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        with quiet_transformers():
+            return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load model {source!r}: {str(e).splitlines()[0]}") from e
 
@@ -308,7 +314,7 @@ def make_reference(model: torch.nn.Module, ref_model, beta: float, dtype: torch.
     if ref_model is None:
         ref = copy.deepcopy(model)
     elif isinstance(ref_model, (str, Path)):
-        ref = load_model(str(ref_model), dtype)
+        ref = load_model(str(ref_model), dtype).to(next(model.parameters()).device)
     else:
         ref = ref_model.to(dtype)
     if beta == 0:
@@ -354,6 +360,20 @@ def make_scheduler(optimizer: torch.optim.Optimizer, args: GRPOConfig) -> torch.
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No transformers progress bars ("Loading weights", "Writing model shards") while inside."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def seed_everything(seed: int) -> None:
