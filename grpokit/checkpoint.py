@@ -164,6 +164,14 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
     return [path for _, path in sorted(found)]
 
 
+def remove_partial_checkpoints(output_dir: str | Path) -> None:
+    """Delete ``.tmp-checkpoint-*`` / ``.old-checkpoint-*`` folders a killed run left behind."""
+    output_dir = Path(output_dir)
+    for child in output_dir.glob(".*-checkpoint-*"):
+        if child.is_dir() and child.name.startswith((".tmp-checkpoint-", ".old-checkpoint-")):
+            shutil.rmtree(child, ignore_errors=True)
+
+
 # ----------------------------------------------------------------------------------------------------------
 
 

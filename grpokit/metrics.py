@@ -1,5 +1,22 @@
 """What a run reports: ``metrics.jsonl`` (one JSON object per optimizer step), a progress bar or periodic
-lines, and ``metrics.png`` at the end."""
+lines, and ``metrics.png`` at the end.
+
+Keys of a ``metrics.jsonl`` row (rollout statistics repeat on every step their rollout feeds):
+
+    step                  optimizer steps done
+    reward, reward_std    mean / std of the combined reward over the rollout's completions (NaN rows left out)
+    rewards/<name>        mean of one reward function (None entries left out)
+    completion_length     mean tokens per completion, EOS included; completion_length_max its max
+    truncated_ratio       share of completions that hit max_completion_length without EOS
+    frac_zero_std_groups  share of groups whose G rewards are all equal (advantage 0: no signal)
+    loss                  the mini-batch loss (sum of its micro-batch losses)
+    entropy               mean per-token entropy of the policy on the loss tokens (tempered distribution)
+    kl                    mean per-token KL estimate to pi_ref (only when beta > 0)
+    clip_ratio(_low/_high) share of tokens whose clip is active (low: r < 1-eps with A < 0; high: r > 1+eps, A > 0)
+    ratio_mean            mean pi_theta / pi_old over the loss tokens (exactly 1 on a rollout's first step)
+    learning_rate         the LR this step used; grad_norm the global norm before clipping
+    step_time, tokens_per_s  wall time of the step (its rollout included) and completion tokens / step_time
+"""
 
 from __future__ import annotations
 

@@ -33,6 +33,7 @@ from grpokit.checkpoint import (
     TrainingState,
     load_checkpoint_state,
     load_weights,
+    remove_partial_checkpoints,
     resolve_checkpoint,
     save_checkpoint,
     set_rng_state,
@@ -60,10 +61,15 @@ class GRPOTrainer:
         args: the ``GRPOConfig``.
         ref_model: pi_ref (path or module). ``None``: a frozen copy of the initial policy when beta > 0.
         tokenizer: a tokenizer or a path; ``None`` loads it from ``model`` when that is a path.
+        processing_class: TRL's name for ``tokenizer`` (either may be given).
     """
 
     def __init__(self, model, reward_funcs, train_dataset, args: GRPOConfig | None = None, *, ref_model=None,
-                 tokenizer=None):
+                 tokenizer=None, processing_class=None):
+        if processing_class is not None:  # TRL's name for the tokenizer
+            if tokenizer is not None:
+                raise ValueError("give tokenizer= or processing_class=, not both")
+            tokenizer = processing_class
         self.args = args = args if args is not None else GRPOConfig()
         self.dtype = DTYPES[args.dtype]
         # cheap checks first: a typo in a reward name should not wait for a model to load
@@ -96,6 +102,7 @@ class GRPOTrainer:
         args = self.args
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
+        remove_partial_checkpoints(output_dir)  # left by a run killed while saving
         if resume_from_checkpoint:
             self.resume(resolve_checkpoint(output_dir, resume_from_checkpoint))
         else:

@@ -219,3 +219,23 @@ def test_scheduler_matches_transformers(kind):
             opt.step()
         ours.step()
         theirs.step()
+
+
+def test_partial_checkpoint_is_ignored_and_cleaned(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=1, save_steps=1)
+    trainer.train()
+    out = tmp_path / "run"
+    (out / ".tmp-checkpoint-2-999").mkdir()  # a save killed half way: never renamed into place
+    (out / ".tmp-checkpoint-2-999" / "model.safetensors").write_bytes(b"torn")
+    again = make_trainer(tmp_path, max_steps=2, save_steps=1)
+    history = again.train(resume_from_checkpoint=True)
+    assert [r["step"] for r in history] == [1, 2]
+    assert not (out / ".tmp-checkpoint-2-999").exists()
+
+
+def test_processing_class_is_an_alias_of_tokenizer(tmp_path):
+    tokenizer = char_tokenizer(CHARS)
+    model = tiny_model(tokenizer, hidden_size=32)
+    trainer = GRPOTrainer(model, count_a, [{"prompt": "a"}], args=GRPOConfig(output_dir=str(tmp_path)),
+                          processing_class=tokenizer)
+    assert trainer.tokenizer is tokenizer
