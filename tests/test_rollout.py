@@ -28,9 +28,11 @@ def _prompts(tokenizer):
     return [encode_prompt(tokenizer, p) for p in ["ab", "a much longer prompt", "x"] for _ in range(2)]
 
 
-def test_incremental_logits_equal_full_forward(model, tokenizer):
+def test_incremental_logits_equal_full_forward(model, tokenizer, monkeypatch):
     """Every step's next-token logits from the KV cache equal those of one no-cache forward over the whole
-    left-padded sequence with mask-derived positions."""
+    left-padded sequence with mask-derived positions (the generic loop; the Llama-family decoder is checked
+    the same way in test_fast_decode.py)."""
+    monkeypatch.setattr("grpokit.rollout.fast_decode.supports", lambda model, length: False)
     captured = []
     forward = model.forward
 
@@ -133,3 +135,13 @@ def test_top_k_one_is_greedy(model, tokenizer):
         first = model(input_ids=prompt_ids, attention_mask=prompt_mask,
                       position_ids=position_ids_from_mask(prompt_mask)).logits[:, -1].argmax(-1)
     assert torch.equal(r.completion_ids[:, 0], first)
+
+
+def test_draw_samples_the_given_distribution_and_never_a_zero_probability_token():
+    from grpokit.rollout.sampling import draw
+
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2, 0.0]]).expand(20_000, 5)
+    idx = draw(probs, torch.Generator().manual_seed(0)).squeeze(-1)
+    freq = torch.bincount(idx, minlength=5).float() / idx.numel()
+    assert freq[1] == 0 and freq[4] == 0
+    torch.testing.assert_close(freq, probs[0], rtol=0, atol=0.015)  # ~4 sigma at n = 20,000

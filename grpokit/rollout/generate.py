@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from grpokit.data import left_pad
+from grpokit.rollout import fast_decode
 from grpokit.rollout.sampling import sample_next
 
 
@@ -72,6 +73,29 @@ def new_cache(model: torch.nn.Module):
         return DynamicCache()
 
 
+def start_decoding(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int):
+    """Runs the prompts; returns the first completion token's logits (B, V) and ``advance(token, t)``, which
+    feeds completion token t (B,) and returns the next logits. Llama-family models take the lean decoder
+    (``fast_decode``); any other model the generic loop over its own KV cache."""
+    if fast_decode.supports(model, prompt_ids.size(1) + max_new_tokens):
+        decoder = fast_decode.LlamaFamilyDecoder(model, prompt_mask, max_new_tokens)
+        return decoder.prefill(prompt_ids), decoder.step
+
+    B = prompt_ids.size(0)
+    cache = {cache_argument(model): new_cache(model)}  # filled in place by every forward below
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
+                use_cache=True, logits_to_keep=1, **cache)
+    state = {"mask": prompt_mask, "next_position": prompt_mask.sum(-1, keepdim=True)}  # (B, P + t), (B, 1)
+
+    def advance(token: torch.Tensor, t: int) -> torch.Tensor:
+        state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(B, 1)], dim=1)
+        out = model(input_ids=token[:, None], attention_mask=state["mask"],
+                    position_ids=state["next_position"] + t, use_cache=True, **cache)
+        return out.logits[:, -1]
+
+    return out.logits[:, -1], advance
+
+
 @torch.inference_mode()
 def sample(
     model: torch.nn.Module,
@@ -93,13 +117,7 @@ def sample(
     """
     B = prompt_ids.size(0)
     eos = torch.as_tensor(list(eos_token_ids), device=prompt_ids.device)
-    attention_mask = prompt_mask  # (B, P), grows by one column per step
-    next_position = prompt_mask.sum(-1, keepdim=True)  # (B, 1) position of the first completion token
-
-    cache = {cache_argument(model): new_cache(model)}  # filled in place by every forward below
-    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
-                use_cache=True, logits_to_keep=1, **cache)
-    logits = out.logits[:, -1]  # (B, V)
+    logits, advance = start_decoding(model, prompt_ids, prompt_mask, max_new_tokens)  # (B, V), step function
 
     tokens, logps = [], []
     done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
@@ -111,10 +129,7 @@ def sample(
         done = done | torch.isin(token, eos)
         if step == max_new_tokens - 1 or bool(done.all()):
             break
-        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(B, 1)], dim=1)  # (B, P + step + 1)
-        out = model(input_ids=token[:, None], attention_mask=attention_mask, position_ids=next_position + step,
-                    use_cache=True, **cache)
-        logits = out.logits[:, -1]
+        logits = advance(token, step)
 
     completion_ids = torch.stack(tokens, dim=1)  # (B, C)
     completion_mask = completion_mask_from_eos(completion_ids, eos_token_ids)  # (B, C)

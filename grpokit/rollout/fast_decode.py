@@ -1,0 +1,128 @@
+"""A lean decoder for Llama-family models (Llama, Mistral, Qwen2, Qwen3) during sampling.
+
+Sampling calls the model once per token. For the small models GRPO is often taught and tested on, the
+Python machinery around each Hugging Face forward (cache objects, mask builders, output records, decorators)
+costs more than the arithmetic. ``LlamaFamilyDecoder`` runs the same computation from the model's own modules
+and weights — its norms, MLPs, rotary embedding and projections — with a pre-allocated KV cache and one
+boolean attention mask, and nothing else. It is used only under ``torch.inference_mode`` for sampling; the
+training forward (and every log-prob that enters the loss) still goes through the Hugging Face model, so a
+difference in the last float bit changes which token is drawn, never what the loss scores.
+
+``tests/test_fast_decode.py`` checks its logits against the Hugging Face forward for every supported family,
+with left padding, to 1e-5. Any model it does not recognise falls back to the generic cache loop.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def supports(model: torch.nn.Module, total_length: int) -> bool:
+    """Whether ``LlamaFamilyDecoder`` reproduces ``model`` for sequences of ``total_length`` tokens."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in SUPPORTED:
+        return False
+    body = getattr(model, "model", None)
+    if body is None or not all(hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
+        return False
+    window = getattr(config, "sliding_window", None)
+    uses_window = getattr(config, "use_sliding_window", window is not None) and window is not None
+    if uses_window and window < total_length:  # would need a sliding mask
+        return False
+    if getattr(config, "pretraining_tp", 1) != 1 or model.get_output_embeddings() is None:
+        return False
+    return all(hasattr(layer, "self_attn") and hasattr(layer, "mlp") for layer in body.layers)
+
+
+def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's RMSNorm as one fused op for float32 (same formula: x / sqrt(mean(x^2) + eps) * weight);
+    other dtypes keep the module, whose float32 round trip a fused op would not reproduce."""
+    if x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
+        return norm(x)
+    return F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
+
+
+class LlamaFamilyDecoder:
+    """Prefill a left-padded batch of prompts, then decode one token per call, reusing a static KV cache.
+
+    Shapes: B rows, P prompt columns, L = P + max_new_tokens cache slots, H hidden, h heads of size d.
+    """
+
+    def __init__(self, model: torch.nn.Module, prompt_mask: torch.Tensor, max_new_tokens: int):
+        body = model.model
+        self.model, self.body = model, body
+        self.head = model.get_output_embeddings()
+        B, P = prompt_mask.shape
+        self.P = P
+        attn = body.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.scaling = attn.scaling
+        num_kv = model.config.num_key_value_heads
+        L = P + max_new_tokens
+        dtype = body.embed_tokens.weight.dtype
+        device = prompt_mask.device
+        self.keys = [torch.zeros(B, num_kv, L, self.head_dim, dtype=dtype, device=device) for _ in body.layers]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        # key_ok[b, j]: slot j of row b holds a real token (prompt tokens, then every generated slot)
+        self.key_ok = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(B, max_new_tokens, dtype=torch.bool)], 1)
+        self.positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P), as the training forward uses
+        self.next_position = prompt_mask.sum(-1, keepdim=True)  # (B, 1)
+        # rotary cos/sin of every position this rollout can reach, computed once (plain RoPE only: the
+        # dynamic variants rescale with the sequence length, so they are recomputed per call)
+        self.rope_table = None
+        if getattr(body.rotary_emb, "rope_type", "default") == "default":
+            every = torch.arange(L, device=device)[None]  # (1, L)
+            self.rope_table = body.rotary_emb(body.embed_tokens.weight[:1, None], every)  # 2 x (1, L, d)
+
+    def _rope(self, x: torch.Tensor, position_ids: torch.Tensor):
+        if self.rope_table is None:
+            return self.body.rotary_emb(x, position_ids)
+        cos, sin = self.rope_table
+        return cos[0, position_ids], sin[0, position_ids]  # (B, n, d) each
+
+    def _layers(self, x: torch.Tensor, position_ids: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
+        """x (B, n, H) at cache slots [start, start + n) -> last hidden states (B, n, H), final norm applied."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        B, n, _ = x.shape
+        end = start + n
+        cos, sin = self._rope(x, position_ids)
+        for i, layer in enumerate(self.body.layers):
+            a = layer.self_attn
+            h = rms_norm(layer.input_layernorm, x)
+            q = a.q_proj(h).view(B, n, -1, self.head_dim)  # (B, n, h, d)
+            k = a.k_proj(h).view(B, n, -1, self.head_dim)
+            if hasattr(a, "q_norm"):  # Qwen3 normalises q and k per head before rotary
+                q, k = a.q_norm(q), a.k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, h, n, d)
+            v = a.v_proj(h).view(B, n, -1, self.head_dim).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            self.keys[i][:, :, start:end] = k
+            self.values[i][:, :, start:end] = v
+            o = F.scaled_dot_product_attention(q, self.keys[i][:, :, :end], self.values[i][:, :, :end],
+                                               attn_mask=mask, scale=self.scaling,
+                                               enable_gqa=q.size(1) != k.size(1))  # (B, h, n, d)
+            x = x + a.o_proj(o.transpose(1, 2).reshape(B, n, -1))
+            x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
+        return rms_norm(self.body.norm, x)
+
+    def prefill(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Runs the prompts; returns the logits (B, V) of the first completion token."""
+        P = self.P
+        causal = torch.ones(P, P, dtype=torch.bool, device=prompt_ids.device).tril()
+        # (B, 1, P, P): causal and only real keys; the diagonal keeps left-pad rows finite (they are never read)
+        mask = (causal & self.key_ok[:, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=causal.device)
+        x = self.body.embed_tokens(prompt_ids)  # (B, P, H)
+        hidden = self._layers(x, self.positions, 0, mask)
+        return self.head(hidden[:, -1])
+
+    def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        """Feeds completion token ``t`` (B,) (0-based); returns the logits (B, V) of token t + 1."""
+        slot = self.P + t
+        x = self.body.embed_tokens(tokens[:, None])  # (B, 1, H)
+        mask = self.key_ok[:, None, None, : slot + 1]  # (B, 1, 1, slot + 1)
+        hidden = self._layers(x, self.next_position + t, slot, mask)
+        return self.head(hidden[:, -1])
