@@ -29,11 +29,10 @@ import torch
 import torch.nn.functional as F
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
-"""Default size of one chunk of logits in the compute dtype (fp32, or fp64 for fp64 inputs). The transient
-peak is about twice that (a second buffer for the entropy gradient; a half-size bf16 copy for bf16 inputs).
-256 MiB is 441 rows at V = 151,936: large enough that every matmul is compute-bound (a chunk re-reads the
-whole (V, H) weight), small enough to be noise next to the (V, H) fp32 gradient accumulator (544 MB at
-V = 151,936, H = 896)."""
+"""Default size of one chunk of logits in the compute dtype (fp32, or fp64 for fp64 inputs); the transient
+peak adds a few MiB of scratch, and a half-size copy for bf16/fp16 inputs. 256 MiB is 440 rows at
+V = 151,936: enough rows that every matmul is compute-bound (each chunk re-reads the whole (V, H) weight),
+few enough to stay below the (V, H) fp32 weight-gradient accumulator (544 MB at V = 151,936, H = 896)."""
 
 
 def default_chunk_size(vocab_size: int, dtype: torch.dtype = torch.float32) -> int:
@@ -108,8 +107,10 @@ def materialized_token_logprobs(
 
     Logits are formed in the input dtype (as an ``nn.Linear`` head does) and upcast before the softmax.
     Memory: several (B, T, V) fp32 tensors; use it for tests and benchmarks only."""
-    logits = F.linear(hidden, weight, bias)  # (B, T, V) in the input dtype
-    logp_all = torch.log_softmax(logits.to(_compute_dtype(logits.dtype)) / temperature, dim=-1)
+    logits = F.linear(hidden, weight, bias).to(_compute_dtype(weight.dtype))  # (B, T, V)
+    if temperature != 1.0:
+        logits = logits / temperature
+    logp_all = torch.log_softmax(logits, dim=-1)
     logps = logp_all.gather(-1, targets.long().unsqueeze(-1)).squeeze(-1)  # (B, T)
     if not return_entropy:
         return logps
@@ -122,11 +123,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _chunk_logits(h, weight, bias, temperature, out, low_buf):
-    """z = (h @ W.T + b) / T for one chunk, written into ``out`` (n, V) of the compute dtype.
+def _chunk_logits(h, weight, bias, out, low_buf):
+    """Logits ``h @ W.T + b`` of one chunk, written into ``out`` (n, V) of the compute dtype.
 
-    Logits are rounded to the input dtype first when it is narrower (``low_buf``), exactly as the
-    materialised ``nn.Linear`` head produces them, so both paths see the same logits."""
+    They are rounded to the input dtype first when it is narrower (``low_buf``), exactly as the materialised
+    ``nn.Linear`` head produces them, so both paths see the same logits."""
     dst = out if low_buf is None else low_buf
     if bias is None:
         torch.mm(h, weight.t(), out=dst)
@@ -134,9 +135,18 @@ def _chunk_logits(h, weight, bias, temperature, out, low_buf):
         torch.addmm(bias, h, weight.t(), out=dst)  # what F.linear does
     if low_buf is not None:
         out.copy_(low_buf)
-    if temperature != 1.0:
-        out.div_(temperature)
     return out
+
+
+# The elementwise passes over a chunk go by row blocks of at most this size, so that exp(z), needed next to z
+# for the entropy and its gradient, takes a (block, V) scratch instead of a second (chunk, V) buffer. Not
+# smaller: every pass over a block is one thread-pool sync on CPU (one launch on GPU), and cache-sized blocks
+# (a few MiB), though faster on an idle CPU, were several times slower once another process held a core.
+_BLOCK_BYTES = 64 * 2**20
+
+
+def _block_rows(vocab: int, dtype: torch.dtype) -> int:
+    return max(1, _BLOCK_BYTES // (vocab * torch.empty((), dtype=dtype).element_size()))
 
 
 def _head(buf: torch.Tensor | None, n: int) -> torch.Tensor | None:
@@ -144,35 +154,41 @@ def _head(buf: torch.Tensor | None, n: int) -> torch.Tensor | None:
 
 
 class _ChunkedLogprobs(torch.autograd.Function):
+    """Memory per call: one (chunk, V) logits buffer, a (block, V) scratch, a (chunk, V) input-dtype copy for
+    bf16/fp16 inputs, and in backward the (V, H) compute-dtype weight-gradient accumulator."""
+
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, return_entropy):
         # hidden (N, H), weight (V, H), bias (V,) | None, targets (N,) int64
         n_rows, vocab = hidden.size(0), weight.size(0)
-        cdtype = _compute_dtype(weight.dtype)
+        cdtype, dev = _compute_dtype(weight.dtype), hidden.device
         rows = min(chunk_size, max(n_rows, 1))
-        buf = torch.empty(rows, vocab, dtype=cdtype, device=hidden.device)  # reused by every chunk
-        dev = hidden.device
+        blk = min(rows, _block_rows(vocab, cdtype))
+        buf = torch.empty(rows, vocab, dtype=cdtype, device=dev)  # reused by every chunk
         low = None if cdtype == weight.dtype else torch.empty(rows, vocab, dtype=weight.dtype, device=dev)
-        logps = torch.empty(n_rows, dtype=cdtype, device=hidden.device)
-        lse = torch.empty(n_rows, dtype=cdtype, device=hidden.device)
-        entropy = torch.empty(n_rows, dtype=cdtype, device=hidden.device) if return_entropy else None
+        scratch = torch.empty(blk, vocab, dtype=cdtype, device=dev)
+        logps = torch.empty(n_rows, dtype=cdtype, device=dev)
+        lse = torch.empty(n_rows, dtype=cdtype, device=dev)  # of z = logits / T
+        entropy = torch.empty(n_rows, dtype=cdtype, device=dev) if return_entropy else None
 
         for s in range(0, n_rows, chunk_size):
-            e = min(s + chunk_size, n_rows)
-            n = e - s
-            z = _chunk_logits(hidden[s:e], weight, bias, temperature, buf[:n], _head(low, n))
-            m = z.amax(dim=-1, keepdim=True)  # (n, 1): shift so exp cannot overflow
-            z.sub_(m)
-            z_t = z.gather(1, targets[s:e, None]).squeeze(1)  # (n,) shifted target logit
-            z.exp_()  # z is now exp(z - m), in place
-            log_s = z.sum(-1).log_()  # (n,) log sum exp(z - m)
-            logps[s:e] = z_t - log_s
-            lse[s:e] = m.squeeze(1) + log_s
-            if return_entropy:
-                # H = log S - sum(e * log e) / S with e = exp(z - m), S = sum e. xlogy_ recovers z - m from
-                # e in place, so no second (n, V) buffer; underflowed e contribute 0, their limit.
-                entropy[s:e] = log_s - z.xlogy_(z).sum(-1) / log_s.exp()
-        del buf, low
+            n = min(chunk_size, n_rows - s)
+            z = _chunk_logits(hidden[s : s + n], weight, bias, buf[:n], _head(low, n))
+            for r in range(0, n, blk):
+                zb = z[r : r + blk]  # (k, V) view, updated in place
+                k, i = zb.size(0), slice(s + r, s + r + zb.size(0))
+                if temperature != 1.0:
+                    zb.div_(temperature)
+                m = zb.amax(dim=-1, keepdim=True)  # (k, 1): shift so exp cannot overflow
+                zb.sub_(m)
+                ex = torch.exp(zb, out=scratch[:k])  # exp(z - m)
+                log_s = ex.sum(-1).log_()  # (k,) log sum exp(z - m)
+                logps[i] = zb.gather(1, targets[i, None]).squeeze(1) - log_s
+                lse[i] = m.squeeze(1) + log_s
+                if return_entropy:
+                    # H = -sum p (z - lse) = log S - sum(e (z - m)) / S, with e = exp(z - m), S = sum e
+                    entropy[i] = log_s - ex.mul_(zb).sum(-1) / log_s.exp()
+        del buf, low, scratch
 
         ctx.temperature, ctx.chunk_size, ctx.has_bias = temperature, chunk_size, bias is not None
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
@@ -186,52 +202,56 @@ class _ChunkedLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logps, grad_entropy=None):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         temperature, chunk_size = ctx.temperature, ctx.chunk_size
-        need_h, need_w, _, _, _, _, _ = ctx.needs_input_grad
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         if (grad_logps is None and grad_entropy is None) or not (need_h or need_w or need_b):
             return None, None, None, None, None, None, None
 
         n_rows, vocab = hidden.size(0), weight.size(0)
-        cdtype = lse.dtype
-        dev = hidden.device
+        cdtype, dev = lse.dtype, hidden.device
         rows = min(chunk_size, max(n_rows, 1))
+        blk = min(rows, _block_rows(vocab, cdtype))
         buf = torch.empty(rows, vocab, dtype=cdtype, device=dev)
         low = None if cdtype == weight.dtype else torch.empty(rows, vocab, dtype=weight.dtype, device=dev)
-        pbuf = torch.empty(rows, vocab, dtype=cdtype, device=dev) if grad_entropy is not None else None
+        scratch = torch.empty(blk, vocab, dtype=cdtype, device=dev) if grad_entropy is not None else None
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=cdtype, device=dev) if need_w else None  # fp32 accumulator
         grad_b = torch.zeros(vocab, dtype=cdtype, device=dev) if need_b else None
-        g_lp = None if grad_logps is None else grad_logps.to(cdtype)
-        g_ent = None if grad_entropy is None else grad_entropy.to(cdtype)
+        # dlogits = dz / T is linear in the upstream gradients: fold 1/T into them
+        g_lp = None if grad_logps is None else grad_logps.to(cdtype) / temperature
+        g_ent = None if grad_entropy is None else grad_entropy.to(cdtype) / temperature
 
         for s in range(0, n_rows, chunk_size):
-            e = min(s + chunk_size, n_rows)
-            n = e - s
-            h = hidden[s:e]
-            z = _chunk_logits(h, weight, bias, temperature, buf[:n], _head(low, n))
-            z.sub_(lse[s:e, None])  # z is now logp (n, V)
-            # dz = g_lp * 1_t - p * (g_lp + g_ent * (logp + H)); built in z's buffer (and pbuf for p).
-            if g_ent is None:
-                dz = z.exp_().mul_(-g_lp[s:e, None])
-            else:
-                p = torch.exp(z, out=pbuf[:n])
-                z.add_(entropy[s:e, None]).mul_(g_ent[s:e, None])
-                if g_lp is not None:
-                    z.add_(g_lp[s:e, None])
-                dz = p.mul_(z).neg_()
+            n = min(chunk_size, n_rows - s)
+            h = hidden[s : s + n]
+            z = _chunk_logits(h, weight, bias, buf[:n], _head(low, n))
+            # dlogits = g_lp * 1_t - p * (g_lp + g_ent * (logp + H)), built in z's buffer block by block
+            for r in range(0, n, blk):
+                zb = z[r : r + blk]
+                k, i = zb.size(0), slice(s + r, s + r + zb.size(0))
+                if temperature != 1.0:
+                    zb.div_(temperature)
+                zb.sub_(lse[i, None])  # logp
+                if g_ent is None:
+                    zb.exp_().mul_(-g_lp[i, None])
+                else:
+                    p = torch.exp(zb, out=scratch[:k])
+                    # -(g_lp + g_ent * (logp + H)) = logp * (-g_ent) - c, with c = g_lp + g_ent * H per row
+                    c = g_ent[i] * entropy[i]
+                    if g_lp is not None:
+                        c += g_lp[i]
+                    zb.mul_(-g_ent[i, None]).sub_(c[:, None]).mul_(p)
             if g_lp is not None:
-                dz.scatter_add_(1, targets[s:e, None], g_lp[s:e, None])
-            if temperature != 1.0:
-                dz.div_(temperature)  # dlogits = dz / T
+                z.scatter_add_(1, targets[s : s + n, None], g_lp[s : s + n, None])
             if need_b:
-                grad_b += dz.sum(0)
+                grad_b += z.sum(0)
             if need_w:
-                grad_w.addmm_(dz.t(), h.to(cdtype))  # (V, n) @ (n, H), accumulated in fp32
+                grad_w.addmm_(z.t(), h.to(cdtype))  # (V, n) @ (n, H), accumulated in fp32
             if need_h:
                 if low is None:
-                    torch.mm(dz, weight, out=grad_h[s:e])
+                    torch.mm(z, weight, out=grad_h[s : s + n])
                 else:  # same rounding as autograd through a bf16 nn.Linear: dlogits cast to the head's dtype
-                    torch.mm(low[:n].copy_(dz), weight, out=grad_h[s:e])
+                    torch.mm(low[:n].copy_(z), weight, out=grad_h[s : s + n])
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:

@@ -12,6 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from grpokit import logprobs
 from grpokit.logprobs import (
     default_chunk_size,
     hidden_states,
@@ -54,7 +55,10 @@ def _assert_all_close(got, want, atol, rtol=0.0):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("chunk_size", [1, 4, 7, 15, 16, 1000, None])  # 15 rows: 4 and 7 do not divide it
 @pytest.mark.parametrize("temperature", [1.0, 0.7, 1.9])
-def test_matches_materialised_float64(bias, chunk_size, temperature):
+@pytest.mark.parametrize("block_rows", [None, 3])  # elementwise row blocks inside a chunk (default: 1 block)
+def test_matches_materialised_float64(bias, chunk_size, temperature, block_rows, monkeypatch):
+    if block_rows is not None:
+        monkeypatch.setattr(logprobs, "_BLOCK_BYTES", block_rows * 13 * 8)
     problem = _problem(3, 5, 6, 13, bias=bias)
     got = _values_and_grads(token_logprobs, *problem, temperature=temperature, chunk_size=chunk_size)
     want = _values_and_grads(materialized_token_logprobs, *problem, temperature=temperature)
@@ -79,7 +83,8 @@ def test_hand_case_uniform_and_peaked():
     assert abs(ent.item() + 0.25 * math.log(0.25) + 0.75 * math.log(0.75)) < 1e-15
 
 
-def test_large_logits_are_stable():
+def test_large_logits_are_stable(monkeypatch):
+    monkeypatch.setattr(logprobs, "_BLOCK_BYTES", 2 * 17 * 8)  # 2-row blocks in 3-row chunks
     # logits of order 1e3 overflow a naive exp; the max-shift must keep everything finite and exact
     problem = _problem(2, 4, 8, 17, bias=True, scale=300.0)
     got = _values_and_grads(token_logprobs, *problem, chunk_size=3, temperature=0.5)
@@ -126,7 +131,8 @@ def test_frozen_weight_and_no_grad():
         assert not token_logprobs(hidden, weight, targets, bias=bias).requires_grad
 
 
-def test_bf16_inputs_give_fp32_outputs_close_to_the_exact_values():
+def test_bf16_inputs_give_fp32_outputs_close_to_the_exact_values(monkeypatch):
+    monkeypatch.setattr(logprobs, "_BLOCK_BYTES", 2 * 301 * 4)  # 2-row blocks in 5-row chunks
     problem = _problem(4, 8, 32, 301, bias=True, dtype=torch.bfloat16, seed=4)
     hidden, weight, bias, targets, g_lp, g_ent = problem
     got = _values_and_grads(token_logprobs, hidden, weight, bias, targets, g_lp, g_ent, chunk_size=5,
@@ -157,12 +163,15 @@ def test_bf16_inputs_give_fp32_outputs_close_to_the_exact_values():
     chunk_size=st.integers(1, 25),
     temperature=st.floats(0.25, 4.0),
     bias=st.booleans(),
+    block_rows=st.integers(1, 8),
     seed=st.integers(0, 2**16),
 )
 def test_property_chunked_equals_materialised(n_rows, hidden_size, vocab, chunk_size, temperature, bias,
-                                              seed):
+                                              block_rows, seed):
     problem = _problem(1, n_rows, hidden_size, vocab, bias=bias, seed=seed)
-    got = _values_and_grads(token_logprobs, *problem, temperature=temperature, chunk_size=chunk_size)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(logprobs, "_BLOCK_BYTES", block_rows * vocab * 8)
+        got = _values_and_grads(token_logprobs, *problem, temperature=temperature, chunk_size=chunk_size)
     want = _values_and_grads(materialized_token_logprobs, *problem, temperature=temperature)
     _assert_all_close(got, want, atol=1e-9)
     assert (got[1] >= -1e-12).all() and (got[1] <= math.log(vocab) + 1e-9).all()  # 0 <= H <= log V
