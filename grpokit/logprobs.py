@@ -2,16 +2,18 @@
 
 A GRPO step needs ``log pi(o_t | ...)`` of the sampled tokens (and logs the policy entropy). The usual
 ``log_softmax(model(...).logits)`` builds (B, T, V) logits plus as many (B, T, V) temporaries for softmax,
-entropy and their gradients: at B*T = 4096 and Qwen2's V = 151,936 that is 2.5 GB per fp32 copy and ~14 GB
-in all. ``token_logprobs`` takes the decoder's last hidden states and the LM head instead, and walks over
-the flattened B*T rows ``chunk_size`` at a time inside one ``torch.autograd.Function``:
+entropy and their gradients: at B*T = 4096 and Qwen2's V = 151,936 that is 2.5 GB per fp32 copy and 9-12 GB
+in all (benchmarks/results/logprobs_memory.md). ``token_logprobs`` takes the decoder's last hidden states
+and the LM head instead, and walks over the flattened B*T rows ``chunk_size`` at a time inside one
+``torch.autograd.Function``:
 
 * forward keeps, per row, only the log-sum-exp ``lse`` (and the entropy when asked for): O(B*T) floats;
 * backward recomputes each chunk's logits from (hidden, weight, bias), forms dlogits in the chunk's buffer
   in place and accumulates grad_hidden, grad_weight (fp32) and grad_bias.
 
-So the transient memory is one or two (chunk_size, V) buffers, plus the (V, H) fp32 weight-gradient
-accumulator in backward, at the price of one extra (B*T, H) x (H, V) matmul (the recomputation).
+So the transient memory is one (chunk_size, V) logits buffer and a (<= 64 MiB) exp scratch, plus the (V, H)
+fp32 weight-gradient accumulator in backward (0.8 GiB in all at the size above, against 9-12 GiB), at the
+price of one extra (B*T, H) x (H, V) matmul (the recomputation).
 
 Notation per row: ``z = (h @ W.T + b) / T``, ``p = softmax(z)``, ``logp = z - lse``,
 ``H = -sum_v p_v logp_v``. The two gradients used (``1_t`` is the one-hot of the target)::
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 """Default size of one chunk of logits in the compute dtype (fp32, or fp64 for fp64 inputs); the transient
-peak adds a few MiB of scratch, and a half-size copy for bf16/fp16 inputs. 256 MiB is 440 rows at
+peak adds a <= 64 MiB scratch, and a half-size copy for bf16/fp16 inputs. 256 MiB is 440 rows at
 V = 151,936: enough rows that every matmul is compute-bound (each chunk re-reads the whole (V, H) weight),
 few enough to stay below the (V, H) fp32 weight-gradient accumulator (544 MB at V = 151,936, H = 896)."""
 
