@@ -145,3 +145,16 @@ def test_draw_samples_the_given_distribution_and_never_a_zero_probability_token(
     freq = torch.bincount(idx, minlength=5).float() / idx.numel()
     assert freq[1] == 0 and freq[4] == 0
     torch.testing.assert_close(freq, probs[0], rtol=0, atol=0.015)  # ~4 sigma at n = 20,000
+
+
+def test_two_level_draw_over_a_large_vocabulary():
+    from grpokit.rollout.sampling import BLOCK, draw
+
+    V = 5 * BLOCK + 37  # several full blocks and a short last one
+    probs = torch.zeros(V)
+    support = torch.tensor([3, BLOCK - 1, BLOCK, 3 * BLOCK + 5, V - 1])  # block edges and the short block
+    probs[support] = torch.tensor([0.1, 0.2, 0.3, 0.15, 0.25])
+    idx = draw(probs.expand(20_000, V), torch.Generator().manual_seed(0)).squeeze(-1)
+    freq = torch.bincount(idx, minlength=V).float() / idx.numel()
+    assert set(idx.unique().tolist()) <= set(support.tolist())
+    torch.testing.assert_close(freq[support], probs[support], rtol=0, atol=0.015)

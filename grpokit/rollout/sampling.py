@@ -44,19 +44,47 @@ def sample_next(
     the unfiltered tempered distribution that the loss scores (top-k/top-p shape sampling only, as in TRL).
     """
     z = tempered_logits(logits, temperature)  # (B, V)
-    probs = torch.softmax(filter_logits(z, top_k, top_p), dim=-1)  # (B, V)
+    filtered = top_k > 0 or top_p < 1.0
+    probs = torch.softmax(filter_logits(z, top_k, top_p) if filtered else z, dim=-1)  # (B, V)
     tokens = draw(probs, generator)  # (B, 1)
-    logps = torch.log_softmax(z, dim=-1).gather(-1, tokens)  # (B, 1)
+    if filtered:  # the loss scores the unfiltered distribution
+        logps = z.gather(-1, tokens) - torch.logsumexp(z, dim=-1, keepdim=True)  # (B, 1)
+    else:
+        logps = probs.gather(-1, tokens).log()  # same distribution: no second pass over V
     return tokens.squeeze(-1), logps.squeeze(-1)
+
+
+BLOCK = 1024
+"""Vocabulary block of the two-level draw: above 4 blocks, a row's cdf is built over block sums first."""
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """One index per row of ``probs`` (B, V), by inversion of the cumulative distribution: (B, 1) long.
 
-    Exact sampling with one uniform number per row (``torch.multinomial`` draws V exponentials per row, ~4x
+    Exact sampling from one uniform number per row (``torch.multinomial`` draws V exponentials per row, 4x
     slower at these sizes). Index k is chosen when cdf[k-1] <= u < cdf[k], which needs probs[k] > 0, so
-    filtered (zero) tokens are never drawn; the cdf is accumulated in float64."""
-    cdf = probs.cumsum(-1, dtype=torch.float64)  # (B, V)
-    u = torch.rand(probs.size(0), 1, generator=generator, dtype=torch.float64, device=probs.device)
-    u = u * cdf[:, -1:]  # mass below 1 after rounding is still covered
-    return (cdf <= u).sum(-1, keepdim=True).clamp_(max=probs.size(-1) - 1)
+    filtered (zero) tokens are never drawn; cumulative sums are in float64. For a large vocabulary the
+    inversion runs in two levels — over the sums of blocks of ``BLOCK`` tokens, then inside the chosen block —
+    so no (B, V) cdf is allocated: one read of ``probs`` instead of three passes and two (B, V) buffers."""
+    B, V = probs.shape
+    u = torch.rand(B, 1, generator=generator, dtype=torch.float64, device=probs.device)  # (B, 1) in [0, 1)
+    if V <= 4 * BLOCK:
+        return _invert(probs, u)
+    full = V // BLOCK * BLOCK
+    sums = probs[:, :full].view(B, -1, BLOCK).sum(-1).double()  # (B, nb)
+    if full < V:
+        sums = torch.cat([sums, probs[:, full:].sum(-1, keepdim=True).double()], dim=1)
+    block = _invert(sums, u)  # (B, 1): the block holding the draw
+    cdf = sums.cumsum(-1)
+    before = torch.where(block > 0, cdf.gather(-1, (block - 1).clamp(min=0)), torch.zeros_like(u))
+    within = ((u * cdf[:, -1:] - before) / sums.gather(-1, block)).clamp_(0.0, 1.0 - 1e-12)  # (B, 1) in [0, 1)
+    start = block * BLOCK  # (B, 1)
+    cols = start + torch.arange(BLOCK, device=probs.device)  # (B, BLOCK); the last block may be short
+    inside = probs.gather(-1, cols.clamp(max=V - 1)).masked_fill(cols >= V, 0.0)  # (B, BLOCK)
+    return start + _invert(inside, within)
+
+
+def _invert(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Index k with cdf[k-1] <= u * total < cdf[k] per row: probs (B, n), u (B, 1) in [0, 1) -> (B, 1)."""
+    cdf = probs.cumsum(-1, dtype=torch.float64)  # (B, n)
+    return (cdf <= u * cdf[:, -1:]).sum(-1, keepdim=True).clamp_(max=probs.size(-1) - 1)
