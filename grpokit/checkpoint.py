@@ -93,8 +93,16 @@ def save_checkpoint(
     _fsync_dir(output_dir)
     if save_total_limit is not None:
         for old in list_checkpoints(output_dir)[:-save_total_limit]:
-            shutil.rmtree(old, ignore_errors=True)
+            delete_checkpoint(old)
     return final
+
+
+def delete_checkpoint(path: Path) -> None:
+    """Rename a checkpoint out of the ``checkpoint-<step>`` namespace, then delete it: a crash half way
+    leaves a ``.deleting-*`` folder (swept by ``remove_partial_checkpoints``), never a torn checkpoint."""
+    doomed = path.parent / f".deleting-{path.name}-{os.getpid()}"
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def save_model(model: torch.nn.Module, folder: Path) -> None:
@@ -165,10 +173,20 @@ def list_checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def remove_partial_checkpoints(output_dir: str | Path) -> None:
-    """Delete ``.tmp-checkpoint-*`` / ``.old-checkpoint-*`` folders a killed run left behind."""
+    """Sweep what a run killed while saving or deleting left behind: ``.tmp-checkpoint-*`` (a save never
+    renamed into place) and ``.deleting-checkpoint-*`` are deleted; ``.old-checkpoint-<step>-*`` (a re-save of
+    the same step killed between its two renames) is put back when ``checkpoint-<step>`` is missing."""
     output_dir = Path(output_dir)
-    for child in output_dir.glob(".*-checkpoint-*"):
-        if child.is_dir() and child.name.startswith((".tmp-checkpoint-", ".old-checkpoint-")):
+    for child in sorted(output_dir.glob(".*-checkpoint-*")):
+        if not child.is_dir():
+            continue
+        if child.name.startswith(".old-checkpoint-"):
+            step = child.name[len(".old-checkpoint-"):].split("-")[0]
+            final = output_dir / f"checkpoint-{step}"
+            if not final.exists() and (child / STATE_FILE).is_file():
+                os.replace(child, final)
+                continue
+        if child.name.startswith((".tmp-checkpoint-", ".old-checkpoint-", ".deleting-checkpoint-")):
             shutil.rmtree(child, ignore_errors=True)
 
 

@@ -7,8 +7,10 @@
 The YAML keys are the ``GRPOConfig`` fields plus ``model`` (path or hub id), ``dataset`` (path),
 ``reward_funcs`` (list of built-in names, "module:function" or "path/file.py:function"), and optionally
 ``ref_model``, ``tokenizer`` and ``resume_from_checkpoint``. ``--key value`` overrides a key; the value is
-read as YAML (``--reward_weights "[1, 0.5]"``). Bad input gives one line on stderr and exit status 2
-(``--debug`` shows the traceback).
+read as YAML (``--reward_weights "[1, 0.5]"``). ``--resume`` continues the run in ``output_dir`` from its
+newest checkpoint; ``--overwrite`` replaces an earlier run there (without either, such a start is refused).
+Bad input gives one line on stderr and exit status 2; a run stopped by a non-finite loss or gradient, exit
+status 1 (``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import sys
 from typing import Any
 
 RUN_KEYS = ("model", "dataset", "reward_funcs", "ref_model", "tokenizer", "resume_from_checkpoint")
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # bad input: config, data, model path, reward functions
+EXIT_FAILED = 1  # the run itself broke (a non-finite loss or gradient)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
                     "model learns a letter task on CPU; results in runs/demo/).",
     )
     p_train.add_argument("--config", help="YAML file: GRPOConfig fields + model, dataset, reward_funcs")
+    p_train.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                         help="continue the run in output_dir from its newest checkpoint (or from CHECKPOINT)")
+    p_train.add_argument("--overwrite", action="store_true",
+                         help="start afresh even if output_dir holds an earlier run (overwrite_output_dir: true)")
     p_train.add_argument("--debug", action="store_true", help="show tracebacks")
     args, rest = parser.parse_known_args(argv)
     if args.command == "verify":
@@ -42,17 +49,29 @@ def main(argv: list[str] | None = None) -> int:
         from grpokit.verify import run_verify
 
         return run_verify(seed=args.seed)
+    from grpokit.guards import TrainingError
+
     try:
-        return run_train(args.config, parse_overrides(rest))
+        return run_train(args.config, parse_overrides(rest) | train_flags(args))
     except KeyboardInterrupt:
         print("grpokit: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, ImportError) as e:
+    except (ValueError, OSError, ImportError, TrainingError) as e:
         if args.debug:
             raise
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"grpokit: error: {message}", file=sys.stderr)
-        return EXIT_USAGE
+        return EXIT_FAILED if isinstance(e, TrainingError) else EXIT_USAGE
+
+
+def train_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """``--resume [CHECKPOINT]`` and ``--overwrite`` as config keys (they win over the YAML file)."""
+    flags: dict[str, Any] = {}
+    if args.resume is not None:
+        flags["resume_from_checkpoint"] = args.resume
+    if args.overwrite:
+        flags["overwrite_output_dir"] = True
+    return flags
 
 
 def parse_overrides(tokens: list[str]) -> dict[str, Any]:
@@ -99,6 +118,7 @@ def run_train(config_path: str | None, overrides: dict[str, Any]) -> int:
         if key not in run:
             raise ValueError(f"the config has no {key!r} key (needed besides the GRPOConfig fields)")
     config = GRPOConfig.from_dict(data)
+    preflight(config, run)
     from grpokit.trainer import GRPOTrainer
 
     trainer = GRPOTrainer(run["model"], run["reward_funcs"], run["dataset"], args=config,
@@ -108,6 +128,18 @@ def run_train(config_path: str | None, overrides: dict[str, Any]) -> int:
         last = history[-1]
         print(f"grpokit: done, step {last['step']}, reward {last['reward']}; results in {config.output_dir}/")
     return 0
+
+
+def preflight(config, run: dict[str, Any]) -> None:
+    """The checks that need no model: an earlier run in output_dir, local model/tokenizer paths that do not
+    exist (the dataset and the reward functions are checked by the trainer before it loads the model)."""
+    from grpokit.preflight import check_model_source
+    from grpokit.run_dir import check_output_dir
+
+    check_output_dir(config.output_dir, resume=bool(run.get("resume_from_checkpoint")),
+                     overwrite=config.overwrite_output_dir)
+    for key in ("model", "ref_model", "tokenizer"):
+        check_model_source(run.get(key), key)
 
 
 def _fields_help() -> str:

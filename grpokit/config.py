@@ -36,6 +36,9 @@ class GRPOConfig:
     # ---- run ---------------------------------------------------------------------------------------------
     output_dir: str = "runs/grpo"
     """Where ``metrics.jsonl``, ``metrics.png``, ``config.yaml`` and ``checkpoint-<step>/`` go."""
+    overwrite_output_dir: bool = False
+    """Start afresh even if ``output_dir`` holds an earlier run (``metrics.jsonl`` or checkpoints), deleting
+    them once the new run's first step is done. ``False``: such a start is refused (resume it instead)."""
     seed: int = 42
     """Seeds the model init (when built here), the data order and the sampler; same seed, same run on CPU."""
     max_steps: int = 200
@@ -198,6 +201,7 @@ class GRPOConfig:
         if not isinstance(self.output_dir, (str, Path)) or not str(self.output_dir):
             raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
         self.output_dir = str(self.output_dir)
+        _check_bool("overwrite_output_dir", self.overwrite_output_dir)
         self.loss_config()  # LossConfig validates the loss fields and names the culprit
 
     # ---- derived quantities ------------------------------------------------------------------------------
@@ -303,12 +307,22 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise ValueError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        raise ValueError(f"config file {str(path)!r} is not valid YAML: {yaml_error_summary(e)}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"config file {str(path)!r} cannot be read: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
         raise ValueError(f"config file {str(path)!r} must hold a mapping of key: value, got {type(data).__name__}")
     return data
+
+
+def yaml_error_summary(error: Exception) -> str:
+    """One line for a PyYAML error: ``line L, column C: problem`` (PyYAML's own text spans several lines)."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    problem = getattr(error, "problem", None) or getattr(error, "context", None) or str(error)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(problem).split())
 
 
 def _coerce_number(cls: type, name: str, value: Any) -> Any:

@@ -7,6 +7,7 @@ chat prompts (a list of ``{"role", "content"}`` messages) are rendered with the 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,10 +38,11 @@ def load_prompts(source: Any):
     else:
         raise ValueError(f"train_dataset must be a datasets.Dataset, a list of dicts or a path; "
                          f"got {type(source).__name__}")
-    if "prompt" not in dataset.column_names:
-        raise ValueError(f"the dataset has no 'prompt' column (columns: {', '.join(dataset.column_names) or 'none'})")
+    name = f"dataset {str(source)!r}" if isinstance(source, (str, Path)) else "the dataset"
     if len(dataset) == 0:
-        raise ValueError("the dataset has no rows")
+        raise ValueError(f"{name} has no rows")
+    if "prompt" not in dataset.column_names:
+        raise ValueError(f"{name} has no 'prompt' column (columns: {', '.join(dataset.column_names) or 'none'})")
     return dataset
 
 
@@ -56,14 +58,74 @@ def _load_path(path: Path):
             raise ValueError(f"dataset folder {str(path)!r} was not written by save_to_disk: {e}") from None
         return loaded["train"] if isinstance(loaded, datasets.DatasetDict) and "train" in loaded else loaded
     suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json"):
-        return datasets.Dataset.from_json(str(path))
-    if suffix == ".parquet":
-        return datasets.Dataset.from_parquet(str(path))
-    if suffix == ".csv":
+    if suffix not in DATA_SUFFIXES:
+        raise ValueError(f"dataset file {str(path)!r}: unsupported format {suffix!r} (use "
+                         f"{', '.join(DATA_SUFFIXES)}, or a save_to_disk folder)")
+    try:
+        if suffix in (".jsonl", ".json"):
+            return rows_to_dataset(read_json_rows(path), path)
+        return _load_table(path)
+    except OSError as e:
+        raise ValueError(f"cannot read dataset file {str(path)!r}: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise ValueError(f"dataset file {str(path)!r} is not UTF-8 text: {e.reason} at byte {e.start}") from e
+
+
+def _load_table(path: Path):
+    """A .parquet or .csv file through ``datasets``; its errors (empty file, bad bytes) name the file."""
+    import datasets
+
+    try:
+        if path.suffix.lower() == ".parquet":
+            return datasets.Dataset.from_parquet(str(path))
         return datasets.Dataset.from_csv(str(path))
-    raise ValueError(f"dataset file {str(path)!r}: unsupported format {suffix!r} (use {', '.join(DATA_SUFFIXES)}, "
-                     "or a save_to_disk folder)")
+    except OSError:
+        raise
+    except Exception as e:
+        if "corresponds to no data" in str(e):  # datasets' words for an empty file
+            return datasets.Dataset.from_dict({})
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ValueError(f"cannot read dataset file {str(path)!r}: {type(e).__name__}: {first}") from e
+
+
+def read_json_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSON Lines file (one object per line; blank lines skipped) or of a ``.json`` file holding one
+    array of objects. A line that does not parse, or is not an object, is an error naming file and line."""
+    text = path.read_text(encoding="utf-8", errors="strict")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"dataset file {str(path)!r}, line {e.lineno}: not valid JSON ({e.msg})") from None
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise ValueError(f"dataset file {str(path)!r}: item {i} is a {type(row).__name__}, not an object")
+        return rows
+    rows = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"dataset file {str(path)!r}, line {number}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"dataset file {str(path)!r}, line {number}: expected a JSON object, got "
+                             f"{type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def rows_to_dataset(rows: list[dict[str, Any]], path: Path):
+    """A ``datasets.Dataset`` of these rows; columns are the union of the rows' keys (missing -> None)."""
+    import datasets
+
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    try:
+        return datasets.Dataset.from_dict({c: [row.get(c) for row in rows] for c in columns})
+    except Exception as e:  # pyarrow: a column whose rows mix types
+        raise ValueError(f"dataset file {str(path)!r}: the rows do not form a table "
+                         f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from e
 
 
 def is_chat(prompt: Any) -> bool:

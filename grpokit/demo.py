@@ -85,6 +85,7 @@ def demo_config(**overrides):
     fields = dict(
         output_dir="runs/demo", seed=0, max_steps=200, learning_rate=3e-3, prompts_per_step=8, num_generations=8,
         max_completion_length=DEMO_LENGTH, beta=0.0, save_steps=0, logging_steps=20,
+        overwrite_output_dir=True,  # the demo's results are disposable: a second `grpokit train` replaces them
     )
     fields.update(overrides)
     return GRPOConfig.from_dict(fields)

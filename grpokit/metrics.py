@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,15 +52,20 @@ class MetricsLogger:
     """Appends one row per step to ``metrics.jsonl`` (flushed each step) and shows progress.
 
     On a TTY: a tqdm bar with step, reward, kl and ETA. Otherwise: a plain line every ``logging_steps``.
-    ``start_step`` > 0 (a resumed run) first cuts ``metrics.jsonl`` back to the rows of steps <= start_step.
+    ``start_step`` > 0 (a resumed run) first cuts ``metrics.jsonl`` back to the rows of steps <= start_step, by
+    an atomic rename (a kill during the cut loses no row). A fresh run (``start_step`` 0) leaves the file alone
+    until its first row: ``on_open`` runs then, and the file starts empty, so a start that fails on bad input
+    does not touch an earlier ``metrics.jsonl``.
     """
 
     def __init__(self, output_dir: str | Path, *, max_steps: int, logging_steps: int, start_step: int = 0,
-                 progress: bool = True):
+                 progress: bool = True, on_open: Callable[[], None] | None = None):
         self.path = Path(output_dir) / "metrics.jsonl"
         self.rows = read_metrics(self.path, upto_step=start_step) if start_step > 0 else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
-        self.file = self.path.open("a")
+        if start_step > 0:
+            write_rows_atomically(self.path, self.rows)
+        self.file = None  # opened by the first log()
+        self.on_open = on_open
         self.max_steps, self.logging_steps, self.start_step = max_steps, logging_steps, start_step
         self.start_time = time.perf_counter()
         self.bar = None
@@ -69,6 +76,12 @@ class MetricsLogger:
         self.progress = progress
 
     def log(self, row: dict[str, Any]) -> None:
+        if self.file is None:
+            if self.on_open is not None:
+                self.on_open()
+            if self.start_step == 0:
+                write_rows_atomically(self.path, [])
+            self.file = self.path.open("a")
         self.rows.append(row)
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
@@ -96,9 +109,20 @@ class MetricsLogger:
         return " | ".join(parts)
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.bar is not None:
             self.bar.close()
+
+
+def write_rows_atomically(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Replace ``path`` by these rows: written to a temporary file, fsync'ed, renamed over the old one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with tmp.open("w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def plot_metrics(rows: list[dict[str, Any]], path: str | Path) -> None:

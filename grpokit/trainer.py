@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import random
 import time
@@ -34,16 +35,18 @@ from grpokit.checkpoint import (
     load_checkpoint_state,
     load_weights,
     remove_partial_checkpoints,
-    resolve_checkpoint,
     save_checkpoint,
     set_rng_state,
 )
 from grpokit.config import GRPOConfig
 from grpokit.data import PromptOrder, encode_prompt, is_chat, load_prompts
+from grpokit.guards import is_finite_update, non_finite_error
 from grpokit.losses import BatchTotals, grpo_loss
 from grpokit.metrics import MetricsLogger, plot_metrics, read_metrics
+from grpokit.preflight import check_model_source
 from grpokit.rewards import load_reward_funcs, score
 from grpokit.rollout import generate
+from grpokit.run_dir import begin_run, check_output_dir, resume_point
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -103,13 +106,16 @@ class GRPOTrainer:
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(output_dir)  # left by a run killed while saving
-        if resume_from_checkpoint:
-            self.resume(resolve_checkpoint(output_dir, resume_from_checkpoint))
-        else:
+        checkpoint = resume_point(output_dir, resume_from_checkpoint)  # None: from step 0
+        if checkpoint is not None:
+            self.resume(checkpoint)
+        else:  # refuse to start over an earlier run unless told to overwrite it
+            check_output_dir(output_dir, resume=bool(resume_from_checkpoint), overwrite=args.overwrite_output_dir)
             seed_everything(args.seed)
-        args.to_yaml(output_dir / "config.yaml")
+        # config.yaml, and deleting an overwritten run, wait for the first step: a failed start changes nothing
         logger = MetricsLogger(output_dir, max_steps=args.max_steps, logging_steps=args.logging_steps,
-                               start_step=self.step)
+                               start_step=self.step,
+                               on_open=functools.partial(begin_run, output_dir, args, clear=checkpoint is None))
         steps_per_rollout_cycle = args.steps_per_generation_cycle  # mu * steps_per_rollout
         saved_at = self.step if resume_from_checkpoint else None
         self.model.train()
@@ -215,6 +221,9 @@ class GRPOTrainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        if not is_finite_update(sums["loss"], grad_norm):  # never step on NaN/inf: the run stops here
+            self.optimizer.zero_grad(set_to_none=True)
+            raise non_finite_error(self.step + 1, sums["loss"], grad_norm, self.args.output_dir)
         learning_rate = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -307,6 +316,7 @@ def load_policy(model, tokenizer, dtype: torch.dtype):
 def load_model(source: str, dtype: torch.dtype) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
+    check_model_source(source)  # a mistyped local path: fail now, not after Hub retries
     try:
         with quiet_transformers():
             return AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
