@@ -24,6 +24,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -123,6 +124,21 @@ def write_rows_atomically(path: Path, rows: list[dict[str, Any]]) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def preload_plotting() -> threading.Thread:
+    """Imports matplotlib (~0.5-1 s of pure Python) on a background thread while training runs, so the plot
+    written at the end of ``train`` does not add that time to the run."""
+
+    def load() -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+
+    thread = threading.Thread(target=load, name="grpokit-preload-matplotlib", daemon=True)
+    thread.start()
+    return thread
 
 
 def plot_metrics(rows: list[dict[str, Any]], path: str | Path) -> None:
