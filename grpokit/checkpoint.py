@@ -46,6 +46,9 @@ class TrainingState:
     """``PromptOrder.state_dict()``: seed, epoch, position."""
     config: dict[str, Any]
     """The run's ``GRPOConfig`` as a dict (for inspection; resuming uses the trainer's own config)."""
+    log_history: list[dict[str, Any]] | None = None
+    """The metrics rows of steps 1..step (``metrics.jsonl``'s, as HF's ``trainer_state.json`` keeps them): a
+    resumed run rebuilds ``metrics.jsonl`` from them, so a lost or damaged file costs no row."""
 
 
 def save_checkpoint(
@@ -80,7 +83,8 @@ def save_checkpoint(
     if rollout is not None:
         torch.save(rollout, tmp / "rollout.pt")
     (tmp / STATE_FILE).write_text(json.dumps(
-        {"step": state.step, "data_order": state.data_order, "config": state.config}, indent=2))
+        {"step": state.step, "data_order": state.data_order, "config": state.config,
+         "log_history": state.log_history}, indent=2))
 
     _fsync_tree(tmp)
     if final.exists():  # a re-save of the same step: move the old one aside first (rename is atomic)
@@ -141,7 +145,8 @@ def load_weights(model: torch.nn.Module, folder: Path) -> None:
 def load_checkpoint_state(path: Path) -> tuple[TrainingState, dict[str, Any]]:
     """``TrainingState`` and the tensor files (optimizer, scheduler, rng, rollout or None) of a checkpoint."""
     info = json.loads((path / STATE_FILE).read_text())
-    state = TrainingState(step=info["step"], data_order=info["data_order"], config=info.get("config", {}))
+    state = TrainingState(step=info["step"], data_order=info["data_order"], config=info.get("config", {}),
+                          log_history=info.get("log_history"))
     load = lambda name: torch.load(path / name, weights_only=False) if (path / name).exists() else None
     return state, {name: load(f"{name}.pt") for name in ("optimizer", "scheduler", "rng", "rollout")}
 

@@ -60,9 +60,12 @@ class MetricsLogger:
     """
 
     def __init__(self, output_dir: str | Path, *, max_steps: int, logging_steps: int, start_step: int = 0,
-                 progress: bool = True, on_open: Callable[[], None] | None = None):
+                 progress: bool = True, on_open: Callable[[], None] | None = None,
+                 rows: list[dict[str, Any]] | None = None):
         self.path = Path(output_dir) / "metrics.jsonl"
-        self.rows = read_metrics(self.path, upto_step=start_step) if start_step > 0 else []
+        if rows is None:  # the rows of steps 1..start_step: given (a checkpoint's) or read back from the file
+            rows = read_metrics(self.path, upto_step=start_step) if start_step > 0 else []
+        self.rows = list(rows)
         if start_step > 0:
             write_rows_atomically(self.path, self.rows)
         self.file = None  # opened by the first log()

@@ -115,7 +115,9 @@ class GRPOTrainer:
         # config.yaml, and deleting an overwritten run, wait for the first step: a failed start changes nothing
         logger = MetricsLogger(output_dir, max_steps=args.max_steps, logging_steps=args.logging_steps,
                                start_step=self.step,
-                               on_open=functools.partial(begin_run, output_dir, args, clear=checkpoint is None))
+                               on_open=functools.partial(begin_run, output_dir, args, clear=checkpoint is None),
+                               rows=self.history if checkpoint is not None else None)
+        self.history = logger.rows  # the same list, growing: each checkpoint saves the rows so far
         steps_per_rollout_cycle = args.steps_per_generation_cycle  # mu * steps_per_rollout
         saved_at = self.step if resume_from_checkpoint else None
         self.model.train()
@@ -254,7 +256,8 @@ class GRPOTrainer:
         rollout = None
         if self._batch is not None:
             rollout = {"batch": self._batch.state_dict(), "metrics": self._rollout_metrics}
-        state = TrainingState(step=self.step, data_order=self.order.state_dict(), config=self.args.to_dict())
+        state = TrainingState(step=self.step, data_order=self.order.state_dict(), config=self.args.to_dict(),
+                              log_history=self.history)
         with quiet_transformers():
             return save_checkpoint(
                 self.args.output_dir, state=state, model=self.model, tokenizer=self.tokenizer,
@@ -277,7 +280,9 @@ class GRPOTrainer:
         if tensors["rollout"] is not None:
             self._batch = Batch(**tensors["rollout"]["batch"])
             self._rollout_metrics = tensors["rollout"]["metrics"]
-        self.history = read_metrics(Path(self.args.output_dir) / "metrics.jsonl", upto_step=self.step)
+        self.history = state.log_history  # None: a checkpoint written before log_history existed
+        if self.history is None:
+            self.history = read_metrics(Path(self.args.output_dir) / "metrics.jsonl", upto_step=self.step)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -204,6 +204,14 @@ def test_resume_before_any_checkpoint_restarts_the_same_run(tmp_path, capsys):
     assert [r["step"] for r in read_metrics(tmp_path / "part" / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
+def test_a_checkpoint_keeps_the_metrics_rows_and_rebuilds_a_lost_metrics_file(tmp_path):
+    first = make_trainer(tmp_path, max_steps=2).train()
+    assert json.loads((tmp_path / "checkpoint-2" / STATE_FILE).read_text())["log_history"] == first
+    (tmp_path / "metrics.jsonl").unlink()
+    resumed = make_trainer(tmp_path, max_steps=3).train(resume_from_checkpoint=True)
+    assert resumed[:2] == first and [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+
+
 def test_resume_from_an_explicit_missing_checkpoint_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="is not a grpokit checkpoint"):
         make_trainer(tmp_path).train(resume_from_checkpoint=tmp_path / "checkpoint-9")
