@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
 def train_flags(args: argparse.Namespace) -> dict[str, Any]:
     """``--resume [CHECKPOINT]`` and ``--overwrite`` as config keys (they win over the YAML file)."""
     flags: dict[str, Any] = {}
+    if args.resume is not None and args.overwrite:
+        raise ValueError("give --resume (continue the run in output_dir) or --overwrite (replace it), not both")
     if args.resume is not None:
         flags["resume_from_checkpoint"] = args.resume
     if args.overwrite:

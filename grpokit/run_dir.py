@@ -9,13 +9,17 @@ before it writes its first metrics row), so a start that fails on bad input leav
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
+from typing import Any
 
-from grpokit.checkpoint import CHECKPOINT_RE, delete_checkpoint, list_checkpoints, resolve_checkpoint
+from grpokit.checkpoint import CHECKPOINT_RE, STATE_FILE, delete_checkpoint, list_checkpoints, resolve_checkpoint
 
 METRICS_FILE = "metrics.jsonl"
 RUN_FILES = ("metrics.jsonl", "metrics.png")  # what a run writes beside its checkpoints (config.yaml is rewritten)
+# fields a resumed run must share with its checkpoint: they fix the saved rollout's rows, pi_ref and dtypes
+RESUME_FIELDS = ("prompts_per_step", "num_generations", "num_iterations", "steps_per_rollout", "beta", "dtype")
 
 
 class OutputDirError(ValueError):
@@ -62,16 +66,31 @@ def clear_earlier_run(output_dir: str | Path) -> None:
         (output_dir / name).unlink(missing_ok=True)
 
 
-def resume_point(output_dir: str | Path, resume: bool | str | Path | None) -> Path | None:
+def resume_point(output_dir: str | Path, resume: bool | str | Path | None, config=None) -> Path | None:
     """The checkpoint a run continues from, or None to start at step 0. ``resume=True`` in a folder without a
     checkpoint yet (a run killed before its first save) starts at step 0: from the same seed that *is* the
-    run's continuation, and its ``metrics.jsonl`` rows are replaced as the steps are redone."""
+    run's continuation, and its ``metrics.jsonl`` rows are replaced as the steps are redone. With ``config``,
+    the checkpoint must have been written with the same batch shapes (``check_resumable``)."""
     if not resume:
         return None
     if resume is True and not list_checkpoints(output_dir):
         print(f"grpokit: no checkpoint in {str(output_dir)!r} yet; starting from step 0", file=sys.stderr)
         return None
-    return resolve_checkpoint(output_dir, resume)
+    path = resolve_checkpoint(output_dir, resume)
+    if config is not None:
+        check_resumable(path, config.to_dict())
+    return path
+
+
+def check_resumable(path: Path, config: dict[str, Any]) -> None:
+    """ValueError when the checkpoint was written with other values of the fields that shape its saved
+    rollout and optimizer state (``RESUME_FIELDS``); other fields (max_steps, save_steps...) may change."""
+    saved = json.loads((Path(path) / STATE_FILE).read_text()).get("config") or {}
+    changed = [f"{name}={saved[name]!r} (now {config[name]!r})" for name in RESUME_FIELDS
+               if name in saved and name in config and saved[name] != config[name]]
+    if changed:
+        raise ValueError(f"cannot resume from {str(path)!r}: it was written with {', '.join(changed)}; resume with "
+                         "the run's own values (its trainer_state.json has them) or start a new run")
 
 
 def begin_run(output_dir: str | Path, config, *, clear: bool) -> None:

@@ -106,7 +106,7 @@ class GRPOTrainer:
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         remove_partial_checkpoints(output_dir)  # left by a run killed while saving
-        checkpoint = resume_point(output_dir, resume_from_checkpoint)  # None: from step 0
+        checkpoint = resume_point(output_dir, resume_from_checkpoint, args)  # None: from step 0
         if checkpoint is not None:
             self.resume(checkpoint)
         else:  # refuse to start over an earlier run unless told to overwrite it

@@ -163,6 +163,7 @@ CASES = [
      "config file '{r}/missing.yaml' does not exist"),
     ("config-not-a-mapping", lambda r: ["--config", write(r, "list.yaml", "- 1\n- 2\n")], "must hold a mapping"),
     ("override-without-value", lambda r: ["--max_steps"], "--max_steps needs a value"),
+    ("resume-and-overwrite", lambda r: ["--resume"], "give --resume (continue the run in output_dir) or --overwrite"),
 ]
 
 

@@ -212,6 +212,12 @@ def test_a_checkpoint_keeps_the_metrics_rows_and_rebuilds_a_lost_metrics_file(tm
     assert resumed[:2] == first and [r["step"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1, 2, 3]
 
 
+def test_resume_with_other_batch_shapes_is_an_error_naming_them(tmp_path):
+    make_trainer(tmp_path, max_steps=1).train()
+    with pytest.raises(ValueError, match=r"written with num_generations=4 \(now 2\), beta=0.1 \(now 0.0\)"):
+        make_trainer(tmp_path, max_steps=2, num_generations=2, beta=0.0).train(resume_from_checkpoint=True)
+
+
 def test_resume_from_an_explicit_missing_checkpoint_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="is not a grpokit checkpoint"):
         make_trainer(tmp_path).train(resume_from_checkpoint=tmp_path / "checkpoint-9")
