@@ -48,9 +48,17 @@ def write_run(folder: Path, **overrides) -> Path:
 
 
 def spawn(config: Path, *extra: str) -> subprocess.Popen:
+    """``grpokit train --config config`` in a child process; its stderr goes to a file beside the config."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    return subprocess.Popen([sys.executable, "-m", "grpokit", "train", "--config", str(config), *extra],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    with open(config.parent / f"stderr-{len(list(config.parent.glob('stderr-*')))}.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "grpokit", "train", "--config", str(config), *extra],
+                                stdout=subprocess.DEVNULL, stderr=err, env=env)
+    proc.err_path = Path(err.name)
+    return proc
+
+
+def stderr_of(proc: subprocess.Popen) -> str:
+    return proc.err_path.read_text()
 
 
 def rows_done(out: Path) -> int:
@@ -113,10 +121,10 @@ def test_sigkill_at_random_instants_then_resume_is_bit_identical(tmp_path):
         kills += killed
         history.append((trigger.__name__, killed, rows_done(out), [p.name for p in list_checkpoints(out)]))
         if not killed:
-            assert proc.returncode == 0, proc.stderr.read()
+            assert proc.returncode == 0, stderr_of(proc)
     final = spawn(config, "--resume")
-    assert final.wait(timeout=120) == 0, final.stderr.read()
-    assert reference.wait(timeout=120) == 0, reference.stderr.read()
+    assert final.wait(timeout=120) == 0, stderr_of(final)
+    assert reference.wait(timeout=120) == 0, stderr_of(reference)
     assert kills >= 3, history
 
     ref_out = tmp_path / "reference" / "out"
