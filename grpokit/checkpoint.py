@@ -25,6 +25,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,11 @@ def save_checkpoint(
     ref_model: torch.nn.Module | None = None,
     rollout: dict[str, Any] | None = None,
     save_total_limit: int | None = None,
+    before_commit: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write ``output_dir/checkpoint-<state.step>`` atomically; returns its path."""
+    """Write ``output_dir/checkpoint-<state.step>`` atomically; returns its path. ``before_commit(folder)``
+    runs once the files are in the temporary folder, before it is committed (under torchrun the other
+    processes add their ``rank-<r>/`` files then; ``grpokit.distributed``)."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{state.step}"
     tmp = output_dir / f".tmp-checkpoint-{state.step}-{os.getpid()}"
@@ -82,6 +86,8 @@ def save_checkpoint(
     torch.save(rng_state(generator), tmp / "rng.pt")
     if rollout is not None:
         torch.save(rollout, tmp / "rollout.pt")
+    if before_commit is not None:
+        before_commit(tmp)
     (tmp / STATE_FILE).write_text(json.dumps(
         {"step": state.step, "data_order": state.data_order, "config": state.config,
          "log_history": state.log_history}, indent=2))

@@ -126,7 +126,7 @@ def run_train(config_path: str | None, overrides: dict[str, Any]) -> int:
     trainer = GRPOTrainer(run["model"], run["reward_funcs"], run["dataset"], args=config,
                           ref_model=run.get("ref_model"), tokenizer=run.get("tokenizer"))
     history = trainer.train(resume_from_checkpoint=run.get("resume_from_checkpoint"))
-    if history:
+    if history and trainer.world.is_main:  # under torchrun, rank 0 speaks for every process
         last = history[-1]
         print(f"grpokit: done, step {last['step']}, reward {last['reward']}; results in {config.output_dir}/")
     return 0

@@ -27,6 +27,7 @@ LR_SCHEDULERS = ("constant", "linear", "cosine")
 SCALE_REWARDS = ("group", "batch", "none")
 REPORT_TO = ("none", "jsonl")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
+DISTRIBUTED = ("ddp", "fsdp")
 
 
 @dataclass
@@ -139,6 +140,12 @@ class GRPOConfig:
     """Tokens per chunk when computing log-probs through the LM head (bounds the B*T*V logits memory);
     ``None``: ``grpokit.logprobs``'s default."""
 
+    # ---- several processes (torchrun; grpokit.distributed) -----------------------------------------------
+    distributed: str = "ddp"
+    """How the model is spread over the processes of a ``torchrun`` launch: ``ddp`` (a full replica on each,
+    gradients all-reduced) or ``fsdp`` (parameters, gradients and AdamW moments sharded with FSDP2, for models
+    that do not fit one device). Ignored by a single process."""
+
     def __post_init__(self) -> None:
         if self.epsilon is not None:
             _check_real("epsilon", self.epsilon, low=0.0)
@@ -198,6 +205,7 @@ class GRPOConfig:
         _check_choice("dtype", self.dtype, DTYPES)
         if self.logprob_chunk_size is not None:
             _check_int("logprob_chunk_size", self.logprob_chunk_size, low=1)
+        _check_choice("distributed", self.distributed, DISTRIBUTED)
         if not isinstance(self.output_dir, (str, Path)) or not str(self.output_dir):
             raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
         self.output_dir = str(self.output_dir)

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from grpokit.advantages import group_advantages, nanstd
-from grpokit.batch import Batch, completion_logps
+from grpokit.batch import Batch
 from grpokit.checkpoint import (
     TrainingState,
     load_checkpoint_state,
@@ -40,11 +40,12 @@ from grpokit.checkpoint import (
 )
 from grpokit.config import GRPOConfig
 from grpokit.data import PromptOrder, encode_prompt, is_chat, load_prompts
+from grpokit.distributed import RowsLogger, global_totals, init_world, parallelize, rollout_shard, sampler_seed
 from grpokit.guards import is_finite_update, non_finite_error
-from grpokit.losses import BatchTotals, grpo_loss
+from grpokit.losses import grpo_loss
 from grpokit.metrics import MetricsLogger, plot_metrics, read_metrics
 from grpokit.preflight import check_model_source
-from grpokit.rewards import load_reward_funcs, score
+from grpokit.rewards import Scores, load_reward_funcs, score
 from grpokit.rollout import generate
 from grpokit.run_dir import begin_run, check_output_dir, resume_point
 
@@ -82,15 +83,21 @@ class GRPOTrainer:
                              f"{len(self.reward_funcs)} reward functions")
         self.dataset = load_prompts(train_dataset)
         self.columns = [c for c in self.dataset.column_names if c != "prompt"]
+        self.world = init_world()  # one process, or this one's place among torchrun's (grpokit.distributed)
+        self.shard = rollout_shard(args, self.world)  # which of a rollout's prompts this process samples
         self.model, self.tokenizer = load_policy(model, tokenizer, self.dtype)
         self.loss_config = args.loss_config()
         self.ref_model = make_reference(self.model, ref_model, args.beta, self.dtype)
         self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
+        # log-prob callables of pi_theta / pi_ref, wrapped in DDP or FSDP under torchrun; before the optimizer,
+        # since FSDP replaces the parameters by their shards
+        self.parallel = parallelize(self.model, self.ref_model, args.distributed, self.world)
 
         self.optimizer = make_optimizer(self.model, args)
         self.scheduler = make_scheduler(self.optimizer, args)
         self.order = PromptOrder(num_rows=len(self.dataset), seed=args.seed)
-        self.generator = torch.Generator(device=next(self.model.parameters()).device).manual_seed(args.seed)
+        self.generator = torch.Generator(device=next(self.model.parameters()).device)
+        self.generator.manual_seed(sampler_seed(args.seed, self.world.rank))  # rank 0: args.seed
         self.step = 0
         self.history: list[dict[str, Any]] = []
         self._batch: Batch | None = None  # the rollout being trained on, until its mu * S steps are done
@@ -105,7 +112,9 @@ class GRPOTrainer:
         args = self.args
         output_dir = Path(args.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        remove_partial_checkpoints(output_dir)  # left by a run killed while saving
+        if self.world.is_main:
+            remove_partial_checkpoints(output_dir)  # left by a run killed while saving
+        self.world.barrier()  # under torchrun: no process looks for checkpoints while rank 0 tidies them
         checkpoint = resume_point(output_dir, resume_from_checkpoint, args)  # None: from step 0
         if checkpoint is not None:
             self.resume(checkpoint)
@@ -113,7 +122,8 @@ class GRPOTrainer:
             check_output_dir(output_dir, resume=bool(resume_from_checkpoint), overwrite=args.overwrite_output_dir)
             seed_everything(args.seed)
         # config.yaml, and deleting an overwritten run, wait for the first step: a failed start changes nothing
-        logger = MetricsLogger(output_dir, max_steps=args.max_steps, logging_steps=args.logging_steps,
+        logger_class = MetricsLogger if self.world.is_main else RowsLogger  # only rank 0 prints and writes
+        logger = logger_class(output_dir, max_steps=args.max_steps, logging_steps=args.logging_steps,
                                start_step=self.step,
                                on_open=functools.partial(begin_run, output_dir, args, clear=checkpoint is None),
                                rows=self.history if checkpoint is not None else None)
@@ -147,13 +157,14 @@ class GRPOTrainer:
         finally:
             logger.close()
             self.history = logger.rows
-        if self.history:
+        if self.history and self.world.is_main:
             plot_metrics(self.history, output_dir / "metrics.png")
         return self.history
 
     def mini_batch_rows(self, index: int) -> slice:
-        """Rows of mini-batch ``index`` of a rollout: consecutive blocks, so groups stay together."""
-        size = self.args.mini_batch_size
+        """Rows of mini-batch ``index`` of a rollout: consecutive blocks, so groups stay together. Under
+        torchrun, of this process's rollout: its share of the global mini-batch (``RolloutShard``)."""
+        size = self.args.mini_batch_size // self.world.world_size
         return slice(index * size, (index + 1) * size)
 
     # ------------------------------------------------------------------------------------------------------
@@ -161,16 +172,17 @@ class GRPOTrainer:
     def rollout(self) -> tuple[Batch, dict[str, float]]:
         """Steps 1-4: sample, score, advantages, pi_old / pi_ref log-probs. Returns the batch and its metrics."""
         args, G = self.args, self.args.num_generations
-        rows = self.order.take(args.prompts_per_step)
+        rows = self.shard.take(self.order.take(args.prompts_per_step))  # under torchrun, this process's share
         examples = [self.dataset[i] for i in rows]
         prompt_tokens = [self.encode(i, ex["prompt"]) for i, ex in zip(rows, examples)]
 
         # 1. sample G completions per prompt; a group's completions are consecutive rows
-        rollout = generate(
-            self.model, self.tokenizer, [p for p in prompt_tokens for _ in range(G)],
-            max_new_tokens=args.max_completion_length, eos_token_ids=self.eos_token_ids,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=self.generator,
-        )
+        with self.parallel.full_weights():  # FSDP: the whole policy on every process while sampling
+            rollout = generate(
+                self.model, self.tokenizer, [p for p in prompt_tokens for _ in range(G)],
+                max_new_tokens=args.max_completion_length, eos_token_ids=self.eos_token_ids,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=self.generator,
+            )
         # 2. rewards (TRL's contract: chat prompts get chat-shaped completions)
         prompts = [ex["prompt"] for ex in examples for _ in range(G)]
         completions = [[{"role": "assistant", "content": text}] if is_chat(p) else text
@@ -178,8 +190,12 @@ class GRPOTrainer:
         completion_ids = [ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)]
         columns = {c: [ex[c] for ex in examples for _ in range(G)] for c in self.columns}
         scores = score(self.reward_funcs, args.reward_weights, prompts, completions, completion_ids, columns)
-        # 3. group-relative advantages (DeepSeekMath 4.1.2), NaN rewards -> 0
-        advantages = group_advantages(scores.rewards, G, args.scale_rewards).to(rollout.completion_ids.device)  # (N,)
+        # under torchrun: every process's rows, in the global rollout's order (advantages, metrics as one process)
+        scores = Scores(rewards=self.shard.gather(scores.rewards), per_func=self.shard.gather(scores.per_func))
+        lengths, truncated = (self.shard.gather(t) for t in (rollout.completion_mask.sum(-1), rollout.is_truncated))
+        # 3. group-relative advantages (DeepSeekMath 4.1.2), NaN rewards -> 0; this process's rows
+        advantages = group_advantages(scores.rewards, G, args.scale_rewards)  # (N,)
+        advantages = self.shard.local(advantages).to(rollout.completion_ids.device)
 
         loss_mask = rollout.completion_mask
         if args.mask_truncated_completions:
@@ -190,35 +206,39 @@ class GRPOTrainer:
         # 4. pi_old only when this rollout feeds more than one optimizer step (else pi_old = sg(pi_theta));
         #    pi_ref only when beta > 0. Both before any update, without gradients.
         if args.steps_per_generation_cycle > 1:
-            batch.old_logps = self.frozen_logps(self.model, batch)
+            batch.old_logps = self.frozen_logps(self.parallel.policy, batch)
         if self.ref_model is not None and args.beta > 0:
-            batch.ref_logps = self.frozen_logps(self.ref_model, batch)
-        return batch, rollout_metrics(scores, self.reward_funcs, rollout.completion_mask, rollout.is_truncated, G)
+            batch.ref_logps = self.frozen_logps(self.parallel.reference, batch)
+        return batch, rollout_metrics(scores, self.reward_funcs, lengths, truncated, G)
 
     def update(self, mini: Batch) -> dict[str, float]:
         """Step 5 for one mini-batch: forward/backward over micro-batches, clip, one AdamW step.
 
         Micro-batch losses are normalised by the mini-batch's sequence count (grpo, sapo, dr_grpo) or token
         count (bnpo, dapo, cispo), so their summed gradients equal the one-big-batch gradient."""
-        num_items = mini.loss_mask.sum()
-        # one process: the optimizer step's batch is also the global batch of dapo/cispo
-        totals = BatchTotals(num_sequences=len(mini), num_tokens=num_items, num_items_in_batch=num_items)
+        # sequences and tokens of the global mini-batch (all processes'; one process: this one): the loss of
+        # every process is a share of one global loss, and the batch of dapo/cispo is the optimizer step's
+        totals = global_totals(self.world, mini.loss_mask)
+        num_items = totals.num_tokens
         sums = {"loss": 0.0, "entropy": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio_low": 0.0,
                 "clip_ratio_high": 0.0, "ratio_mean": 0.0}
         tokens = max(int(num_items), 1)
-        for micro in mini.split(self.args.micro_batch):
-            logps, entropy = completion_logps(
-                self.model, micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask,
-                temperature=self.args.temperature, chunk_size=self.args.logprob_chunk_size, return_entropy=True,
-            )  # (n, C) each
-            out = grpo_loss(logps, micro.advantages, micro.loss_mask, old_logps=micro.old_logps,
-                            ref_logps=micro.ref_logps, config=self.loss_config, totals=totals)
-            out.loss.backward()
+        micro_batches = mini.split(self.args.micro_batch)
+        for i, micro in enumerate(micro_batches):
+            with self.parallel.grad_sync(last=i == len(micro_batches) - 1):  # DDP: all-reduce once per step
+                logps, entropy = self.parallel.policy(
+                    micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask,
+                    temperature=self.args.temperature, chunk_size=self.args.logprob_chunk_size, return_entropy=True,
+                )  # (n, C) each
+                out = grpo_loss(logps, micro.advantages, micro.loss_mask, old_logps=micro.old_logps,
+                                ref_logps=micro.ref_logps, config=self.loss_config, totals=totals)
+                (out.loss * self.parallel.loss_scale).backward()  # x W under DDP/FSDP: they average gradients
             share = float(micro.loss_mask.sum()) / tokens  # token-weighted means over the mini-batch
             sums["loss"] += out.loss.item()
             sums["entropy"] += float((entropy.detach() * micro.loss_mask).sum()) / tokens
             for name in ("kl", "clip_ratio", "clip_ratio_low", "clip_ratio_high", "ratio_mean"):
                 sums[name] += out.metrics.get(name, 0.0) * share
+        sums = self.world.sum_floats(sums)  # under torchrun: the global loss and token-weighted means
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
@@ -233,13 +253,14 @@ class GRPOTrainer:
         if self.args.beta == 0:
             del sums["kl"]
         return {**sums, "learning_rate": learning_rate, "grad_norm": float(grad_norm),
-                "num_tokens": int(mini.completion_mask.sum())}
+                "num_tokens": int(self.world.all_reduce_sum(mini.completion_mask.sum()))}
 
     @torch.no_grad()
-    def frozen_logps(self, model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-        """log-probs (N, C) of the sampled tokens under ``model`` as it is now, micro-batch by micro-batch."""
-        parts = [completion_logps(model, b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask,
-                                  temperature=self.args.temperature, chunk_size=self.args.logprob_chunk_size)
+    def frozen_logps(self, logps_of, batch: Batch) -> torch.Tensor:
+        """log-probs (N, C) of the sampled tokens under a model as it is now, micro-batch by micro-batch;
+        ``logps_of``: ``self.parallel.policy`` or ``.reference`` (``completion_logps`` of that model)."""
+        parts = [logps_of(b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask,
+                          temperature=self.args.temperature, chunk_size=self.args.logprob_chunk_size)
                  for b in batch.split(self.args.micro_batch)]
         return torch.cat(parts, dim=0)
 
@@ -259,8 +280,8 @@ class GRPOTrainer:
         state = TrainingState(step=self.step, data_order=self.order.state_dict(), config=self.args.to_dict(),
                               log_history=self.history)
         with quiet_transformers():
-            return save_checkpoint(
-                self.args.output_dir, state=state, model=self.model, tokenizer=self.tokenizer,
+            return self.parallel.save_checkpoint(  # under torchrun, every process adds its own state
+                save_checkpoint, self.args.output_dir, state=state, model=self.model, tokenizer=self.tokenizer,
             optimizer=self.optimizer, scheduler=self.scheduler, generator=self.generator, ref_model=self.ref_model,
             rollout=rollout, save_total_limit=self.args.save_total_limit,
         )
@@ -268,10 +289,11 @@ class GRPOTrainer:
     def resume(self, path: Path) -> None:
         """Restore everything ``save_checkpoint`` wrote, so the run continues as if never stopped."""
         state, tensors = load_checkpoint_state(path)
-        load_weights(self.model, path)
+        tensors = self.parallel.checkpoint_tensors(path, tensors)  # under torchrun: this process's RNG, rollout
+        self.parallel.load_weights(self.model, path, load_weights)
         if self.ref_model is not None and (path / "ref_model").is_dir():
-            load_weights(self.ref_model, path / "ref_model")
-        self.optimizer.load_state_dict(tensors["optimizer"])
+            self.parallel.load_weights(self.ref_model, path / "ref_model", load_weights)
+        self.parallel.load_optimizer(self.optimizer, tensors["optimizer"])
         self.scheduler.load_state_dict(tensors["scheduler"])
         set_rng_state(tensors["rng"], self.generator)
         self.order.load_state_dict(state.data_order)
@@ -404,14 +426,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rollout_metrics(scores, reward_funcs, completion_mask: torch.Tensor, is_truncated: torch.Tensor,
+def rollout_metrics(scores, reward_funcs, lengths: torch.Tensor, is_truncated: torch.Tensor,
                     group_size: int) -> dict[str, float]:
     """Per-rollout statistics: reward mean/std, each function's mean, lengths, truncation, flat groups."""
     rewards = scores.rewards  # (N,)
     grouped = rewards.view(-1, group_size)  # (P, G)
     group_std = nanstd(grouped, dim=1)  # (P,)
     flat = torch.isnan(group_std) | torch.isclose(group_std, torch.zeros_like(group_std))
-    lengths = completion_mask.sum(-1).float()  # (N,)
+    lengths = lengths.float()  # (N,) tokens per completion
     metrics = {"reward": _nan_to_none(torch.nanmean(rewards)), "reward_std": _nan_to_none(nanstd(rewards))}
     for j, fn in enumerate(reward_funcs):
         metrics[f"rewards/{fn.name}"] = _nan_to_none(torch.nanmean(scores.per_func[:, j]))

@@ -1,0 +1,178 @@
+"""grpokit.distributed: how a rollout is split over processes, and 2 gloo processes under torchrun checked
+against 1 process: the same update to float64 rounding, exact resume, rank 0 alone writing files."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import grpokit.trainer
+from grpokit import GRPOConfig
+from grpokit.distributed import World, check_batch_shape, init_world, rollout_shard, sampler_seed, shard_prompts
+from tests import distributed_worker
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(distributed_worker.__file__)
+
+# every loss type; mini-batches (S = 2), several passes (mu = 2, pi_old live, clipping binding), micro-batches,
+# pi_ref (beta > 0), batch-std advantages, truncation masking; DDP and FSDP. Gradient clipping is on (0.5).
+CASES = [
+    dict(name="grpo", loss_type="grpo", micro_batch_size=4),
+    dict(name="bnpo", loss_type="bnpo", steps_per_rollout=2, micro_batch_size=2, max_steps=4),
+    dict(name="dapo", loss_type="dapo", scale_rewards="batch", steps_per_rollout=2, num_iterations=2, beta=0.05,
+         max_steps=4),
+    dict(name="dr_grpo", loss_type="dr_grpo", num_iterations=2, mask_truncated_completions=True),
+    dict(name="cispo", loss_type="cispo", epsilon_high=5.0, num_iterations=2),
+    dict(name="sapo", loss_type="sapo", scale_rewards="none"),
+    dict(name="fsdp-grpo", distributed="fsdp", steps_per_rollout=2, num_iterations=2, beta=0.05, micro_batch_size=2,
+         max_steps=4),
+    dict(name="fsdp-dapo", distributed="fsdp", loss_type="dapo", scale_rewards="batch"),
+]
+# real sampling (each process its own generator): a run resumed from the checkpoint of step 1, inside a
+# rollout (S = 2), against the same run uninterrupted
+RESUME = [dict(name=f"{how}-{mode}", distributed=mode, sample=True, steps_per_rollout=2, max_steps=3, save_steps=1,
+               **({"resume_from": f"run-straight-{mode}/checkpoint-1"} if how == "resumed" else {}))
+          for mode in ("ddp", "fsdp") for how in ("straight", "resumed")]
+METRICS = ("reward", "reward_std", "frac_zero_std_groups", "completion_length", "truncated_ratio", "loss", "entropy",
+           "kl", "clip_ratio", "ratio_mean", "grad_norm")
+
+
+def torchrun(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("WORLD_SIZE", None)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def two_processes(tmp_path_factory) -> Path:
+    """Every case of CASES and RESUME trained once by 2 gloo processes; their results in the returned folder."""
+    out = tmp_path_factory.mktemp("torchrun")
+    (out / "cases.json").write_text(json.dumps(CASES + RESUME))
+    torchrun(str(WORKER), str(out / "cases.json"), str(out), cwd=ROOT)
+    return out
+
+
+# ---- the split (no processes needed) ---------------------------------------------------------------------
+
+
+def test_each_mini_batch_is_cut_into_one_block_of_whole_groups_per_process():
+    # P = 8 prompts, S = 2 mini-batches of 4 prompts, W = 2: rank r takes prompts 2r, 2r+1 of each mini-batch
+    assert shard_prompts(8, 2, 2, 0) == [0, 1, 4, 5]
+    assert shard_prompts(8, 2, 2, 1) == [2, 3, 6, 7]
+    for P, S, W in [(8, 1, 2), (12, 3, 2), (16, 2, 4), (6, 1, 3)]:
+        shares = [shard_prompts(P, S, W, r) for r in range(W)]
+        assert sorted(sum(shares, [])) == list(range(P))  # disjoint, and every prompt sampled once
+        for share in shares:  # local mini-batch k lies inside global mini-batch k
+            per_local = len(share) // S
+            assert all(p // (P // S) == k for k in range(S) for p in share[k * per_local:(k + 1) * per_local])
+
+
+def test_gathered_rows_come_back_in_the_one_process_order():
+    args = GRPOConfig(prompts_per_step=8, num_generations=3, steps_per_rollout=2)
+    shards = [rollout_shard(args, World(rank=r, world_size=2)) for r in range(2)]
+    gathered = torch.cat([s.rows for s in shards])  # what all_gather returns: rank 0's rows, then rank 1's
+    assert torch.equal(gathered[shards[0].inverse], torch.arange(24))
+    assert shards[1].rows.tolist()[:6] == [6, 7, 8, 9, 10, 11]  # prompts 2, 3: whole groups of G = 3
+    one = rollout_shard(args, World())
+    x = torch.randn(24)
+    assert one.gather(x) is x and one.local(x) is x and one.take([1, 2]) == [1, 2]
+
+
+def test_batch_shapes_that_cannot_split_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match=r"prompts_per_step=6 must be a multiple of .* = 4 .*prompts_per_step: 8"):
+        check_batch_shape(GRPOConfig(prompts_per_step=6, num_generations=4, steps_per_rollout=2), 2)
+    with pytest.raises(ValueError, match="micro_batch_size=8 must divide each process's share .* = 4"):
+        check_batch_shape(GRPOConfig(prompts_per_step=2, num_generations=4, micro_batch_size=8), 2)
+    check_batch_shape(GRPOConfig(prompts_per_step=6, num_generations=4, steps_per_rollout=2), 1)  # one process
+
+
+def test_one_process_without_torchrun(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    world = init_world()
+    assert world == World() and world.is_main and not torch.distributed.is_initialized()
+    x = torch.ones(3)
+    assert world.all_reduce_sum(x) is x and world.gather_rows(x) is x and world.sum_floats({"a": 1.0}) == {"a": 1.0}
+    assert sampler_seed(42, 0) == 42 and sampler_seed(42, 1) != sampler_seed(43, 0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ValueError, match="launch several processes with torchrun"):
+        init_world()
+
+
+# ---- 2 processes under torchrun --------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_two_processes_make_the_same_updates_as_one(two_processes, case, tmp_path, monkeypatch):
+    """Same completions (fixed_generate), float64: parameters after every step of the run and each step's
+    metrics agree with one process to rounding; the split, the reward gather, the global loss totals and
+    DDP's / FSDP's gradient averaging change nothing else."""
+    monkeypatch.setattr(grpokit.trainer, "generate", grpokit.trainer.generate)  # restored after the test
+    one = distributed_worker.run_case(case, tmp_path)
+    two = torch.load(two_processes / f"{case['name']}.pt", weights_only=False)
+    assert one["world_size"] == 1 and two["world_size"] == 2
+    assert len(two["history"]) == len(one["history"]) == case.get("max_steps", 2)
+    error = max((two["params"][k] - v).abs().max().item() for k, v in one["params"].items())
+    assert error < 1e-12, error
+    start = distributed_worker.initial_parameters()
+    assert max((v - start[k]).abs().max().item() for k, v in one["params"].items()) > 1e-3  # they did move
+    for a, b in zip(one["history"], two["history"]):
+        for name in METRICS:
+            if name in a:
+                assert b[name] == pytest.approx(a[name], rel=1e-9, abs=1e-12), (a["step"], name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_resume_under_torchrun_is_exact(two_processes, mode):
+    """Stopped inside a rollout (rank 1's rows in rank-1/rollout.pt, every rank's sampler in its rng.pt) and
+    resumed: the same parameters and metrics, bit for bit, as the uninterrupted 2-process run."""
+    straight = torch.load(two_processes / f"straight-{mode}.pt", weights_only=False)
+    resumed = torch.load(two_processes / f"resumed-{mode}.pt", weights_only=False)
+    assert all(torch.equal(straight["params"][k], v) for k, v in resumed["params"].items())
+    timing = ("step_time", "tokens_per_s")
+    clean = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
+    assert clean(resumed["history"])[-2:] == clean(straight["history"])[1:]  # steps 2, 3
+    checkpoint = two_processes / f"run-straight-{mode}" / "checkpoint-1"
+    assert json.loads((checkpoint / "world.json").read_text()) == {"world_size": 2, "mode": mode}
+    assert (checkpoint / "rank-1" / "rollout.pt").is_file() and (checkpoint / "rank-1" / "rng.pt").is_file()
+    assert (checkpoint / "rank-1" / "optimizer.pt").is_file() == (mode == "fsdp")  # DDP: rank 0's is everyone's
+
+
+@pytest.mark.slow
+def test_cli_under_torchrun_trains_and_only_rank_0_writes(tmp_path):
+    """``torchrun --nproc-per-node 2 -m grpokit train --config run.yaml``: one progress line per logged step,
+    one metrics row per step, an HF-loadable model, and resuming on another process count is refused."""
+    from transformers import AutoModelForCausalLM
+
+    from grpokit.demo import char_tokenizer, tiny_model
+
+    tokenizer = char_tokenizer()
+    tiny_model(tokenizer, hidden_size=32).save_pretrained(tmp_path / "init")
+    tokenizer.save_pretrained(tmp_path / "init")
+    rows = [{"prompt": [{"role": "user", "content": c}], "target": c * 3} for c in "abcdef"]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "run.yaml").write_text(
+        f"model: {tmp_path / 'init'}\ndataset: {tmp_path / 'data.jsonl'}\nreward_funcs: [char_match]\n"
+        f"output_dir: {tmp_path / 'run'}\nmax_steps: 2\nsave_steps: 1\nlogging_steps: 1\nprompts_per_step: 4\n"
+        "num_generations: 4\nmax_completion_length: 3\nlearning_rate: 0.003\n")
+    done = torchrun("-m", "grpokit", "train", "--config", str(tmp_path / "run.yaml"), cwd=tmp_path)
+    assert done.stdout.count("step 1/2") == 1 and done.stdout.count("grpokit: done") == 1, done.stdout
+    run = tmp_path / "run"
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert (run / "config.yaml").is_file() and (run / "metrics.png").is_file()
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-1",
+                                                                                      "checkpoint-2"]
+    assert not [p for p in run.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
+    AutoModelForCausalLM.from_pretrained(run / "checkpoint-2")  # rank 0 wrote a complete HF model
+    one = subprocess.run([sys.executable, "-m", "grpokit", "train", "--config", str(tmp_path / "run.yaml"),
+                          "--resume", "--max_steps", "3"], cwd=tmp_path, capture_output=True, text=True)
+    assert one.returncode == 2 and "written by 2 process(es)" in one.stderr, one.stderr
