@@ -30,12 +30,16 @@ class Batch:
     """(N, C) long, the tokens the loss sees: ``completion_mask``, with truncated completions zeroed when
     ``mask_truncated_completions`` is on."""
     advantages: torch.Tensor
-    """(N,) float, A_i of each completion (the same for all its tokens; DeepSeekMath 4.1.2)."""
+    """(N,) float, A_i of each completion (the same for all its tokens; DeepSeekMath 4.1.2); or (N, C), one per
+    token (process supervision, 4.1.3, and/or the KL reward-to-go of ``kl_in_reward``)."""
     old_logps: torch.Tensor | None = None
     """(N, C) log pi_old of the sampled tokens, recorded before any update of this rollout; ``None`` when the
     rollout feeds a single optimizer step (then pi_old = sg(pi_theta))."""
     ref_logps: torch.Tensor | None = None
     """(N, C) log pi_ref of the sampled tokens; ``None`` when beta = 0."""
+    tis_weights: torch.Tensor | None = None
+    """(N, C) or (N, 1) truncated importance weights min(pi_old / pi_sampler, tis_cap), constants multiplying
+    each token's surrogate (``grpokit.mismatch``); ``None`` when ``tis`` is off."""
 
     def __len__(self) -> int:
         return self.prompt_ids.size(0)

@@ -22,10 +22,12 @@ from typing import Any
 import yaml
 
 from grpokit.losses import LossConfig
+from grpokit.modeling import DEVICE_RE
+from grpokit.peft_utils import check_peft_section
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 SCALE_REWARDS = ("group", "batch", "none")
-REPORT_TO = ("none", "jsonl")
+REPORT_TO = ("none", "jsonl", "tensorboard")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 DISTRIBUTED = ("ddp", "fsdp")
 
@@ -44,6 +46,20 @@ class GRPOConfig:
     """Seeds the model init (when built here), the data order and the sampler; same seed, same run on CPU."""
     max_steps: int = 200
     """Number of optimizer steps. TRL derives it from epochs when -1; grpokit always counts steps."""
+
+    # ---- model -------------------------------------------------------------------------------------------
+    device: str = "auto"
+    """Where the policy and pi_ref run: ``auto`` (CUDA when torch sees a GPU, else CPU), ``cpu``, ``cuda``,
+    ``cuda:N`` or ``mps``. Under ``auto`` a model passed in as an ``nn.Module`` stays on its device."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of storing them: less memory for roughly a third
+    more compute per update (TRL defaults to ``True``). The KV cache (``use_cache``) is off while training."""
+    peft: dict[str, Any] | None = None
+    """LoRA adapters (``grpokit.peft_utils``): a mapping of ``r`` (16), ``alpha`` (32), ``dropout`` (0.05),
+    ``target_modules`` (``null``: peft's choice for the architecture; ``all-linear``; or a list of module
+    names) and ``modules_to_save`` (modules trained in full, e.g. ``[model.norm]``; ``null``); ``{}`` takes
+    every default. Only these train; pi_ref (beta > 0) is the base model with the adapters disabled, not a
+    copy. ``None``: full fine-tuning."""
 
     # ---- optimiser (AdamW) -------------------------------------------------------------------------------
     learning_rate: float = 1e-6
@@ -82,6 +98,10 @@ class GRPOConfig:
     max_prompt_length: int | None = 512
     """Prompts longer than this many tokens keep their last ones (left truncation). ``None``: no limit.
     (TRL 1.16 dropped this option; older TRL defaulted to 512.)"""
+    system_prompt: str | None = None
+    """Prepended to chat prompts as a ``{"role": "system"}`` message (a row whose messages already start with
+    a system message keeps its own), and to string prompts as plain text followed by a blank line. Reward
+    functions see the prompt with it. ``None``: prompts as the dataset has them."""
     max_completion_length: int = 256
     """Most tokens sampled per completion; also the constant denominator of ``dr_grpo``. TRL: 512; 256 keeps
     CPU runs short."""
@@ -123,6 +143,52 @@ class GRPOConfig:
     reward_weights: list[float] | None = None
     """One weight per reward function (weighted sum, None entries skipped); ``None``: all 1."""
 
+    # ---- beyond outcome GRPO: advantages, process supervision, DAPO, KL, iterative RL, mismatch --------------
+    advantage_estimator: str = "grpo"
+    """Outcome advantages (``grpokit.advantages.ADVANTAGE_ESTIMATORS``): ``grpo`` (group-normalised, the paper;
+    ``scale_rewards`` applies), ``rloo`` (leave-one-out baseline, unbiased) or ``dr_grpo`` (centred, unscaled)."""
+    process_supervision: bool = False
+    """DeepSeekMath 4.1.3: reward functions may score each step of a completion (a number, step rewards with
+    ``step_delimiter``, (reward, char_end) pairs or ``{"steps", "ends"}``; see ``grpokit.process``); token t's
+    advantage is the sum of the group-normalised rewards of the steps ending at or after it."""
+    step_delimiter: str | None = None
+    """With ``process_supervision``: the text that ends a step (e.g. ``"\n"``), so that a reward function can
+    return plain per-step rewards, one per delimited step. ``None``: steps carry their own character ends."""
+    dynamic_sampling: bool = False
+    """DAPO: drop groups whose rewards are all equal (advantage 0) and sample new prompts until
+    ``prompts_per_step`` informative groups are gathered (``grpokit.dynamic_sampling``)."""
+    max_sampling_rounds: int = 4
+    """Most sampling rounds per rollout with ``dynamic_sampling``; if still short, flat groups fill the batch."""
+    kl_in_reward: bool = False
+    """Put the KL in the reward instead of the loss: each token's advantage gets ``-beta * sum_{s>=t} sg(k1_s)``
+    (``grpokit.kl.kl_reward_to_go``: the exact gradient of the sequence KL(pi_theta||pi_ref)); needs beta > 0,
+    and then the loss has no KL term (``kl_estimator`` unused). ``kl`` logs the rollout's mean k1."""
+    log_exact_kl: bool = False
+    """Log ``kl_exact_reverse`` / ``kl_exact_forward`` (exact full-vocabulary per-token KL to pi_ref) even with
+    beta = 0, keeping a frozen reference for it; with beta > 0 they are always logged."""
+    ref_reset_steps: int = 0
+    """Iterative RL (DeepSeekMath 4.1.4): pi_ref <- pi_theta every this many optimizer steps (a multiple of
+    ``num_iterations * steps_per_rollout``); 0: pi_ref stays the initial policy."""
+    ref_sync_alpha: float | None = None
+    """Polyak refresh of pi_ref every ``ref_sync_steps``: pi_ref <- alpha * pi_theta + (1 - alpha) * pi_ref,
+    alpha in (0, 1] (TRL's ``ref_model_mixup_alpha``). ``None``: off."""
+    ref_sync_steps: int = 0
+    """Optimizer steps between Polyak refreshes (with ``ref_sync_alpha``; a multiple of ``num_iterations *
+    steps_per_rollout``)."""
+    reward_model_update_steps: int = 0
+    """Every this many optimizer steps, call ``update(samples)`` on each learned reward function (one with an
+    ``update`` method; ``grpokit.reward_model``) with the new samples plus a replay of old ones; 0: never."""
+    reward_model_replay_fraction: float = 0.1
+    """Share of replayed historical samples in each reward-model update (DeepSeekMath: 10%), in [0, 1)."""
+    reward_model_buffer_size: int = 10000
+    """Historical samples kept for the replay (a uniform reservoir)."""
+    tis: str | None = None
+    """Truncated importance sampling for a sampler/trainer mismatch (``grpokit.mismatch``): ``token`` weights
+    each token's loss by ``min(pi_old/pi_sampler, tis_cap)``, ``sequence`` by the capped sequence ratio;
+    ``None``: off. pi_sampler is the sampler's recorded log-prob (``Rollout.sampling_logps``)."""
+    tis_cap: float = 2.0
+    """Upper cap of the TIS weight (> 0)."""
+
     # ---- bookkeeping -------------------------------------------------------------------------------------
     save_steps: int = 500
     """Write ``checkpoint-<step>/`` every this many optimizer steps (and always at the end); 0: only at the end."""
@@ -131,8 +197,12 @@ class GRPOConfig:
     logging_steps: int = 10
     """Print a progress line every this many steps when stdout is not a TTY (``metrics.jsonl`` gets every
     step regardless)."""
+    log_completions_steps: int = 0
+    """Every this many steps, print a table of sample prompts, completions, rewards and advantages, and
+    append that rollout's completions to ``samples.jsonl``. 0: never."""
     report_to: str = "jsonl"
-    """``jsonl`` or ``none``; ``metrics.jsonl`` is always written (no external trackers are bundled)."""
+    """``jsonl``, ``tensorboard`` (also TensorBoard event files in ``output_dir/tensorboard/``) or ``none``;
+    ``metrics.jsonl`` is written in every case."""
     dtype: str = "float32"
     """Parameter dtype: ``float32`` (default; TRL uses bf16 on GPUs), ``float64`` (exactness checks),
     ``bfloat16``, ``float16``."""
@@ -152,6 +222,13 @@ class GRPOConfig:
             self.epsilon_low, self.epsilon = float(self.epsilon), None
         _check_int("seed", self.seed, low=0)
         _check_int("max_steps", self.max_steps, low=1)
+        if not isinstance(self.device, str) or not DEVICE_RE.match(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
+        _check_bool("gradient_checkpointing", self.gradient_checkpointing)
+        self.peft = check_peft_section(self.peft)
+        if self.peft is not None and (self.log_exact_kl or self.ref_reset_steps or self.ref_sync_steps):
+            raise ValueError("peft: pi_ref of a LoRA run is the base model with adapters off; log_exact_kl, "
+                             "ref_reset_steps and ref_sync_steps need a separate reference model (full fine-tuning)")
         _check_real("learning_rate", self.learning_rate, low=0.0, strict=True)
         _check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _check_int("warmup_steps", self.warmup_steps, low=0)
@@ -182,6 +259,8 @@ class GRPOConfig:
         if self.max_prompt_length is not None:
             _check_int("max_prompt_length", self.max_prompt_length, low=1)
         _check_int("max_completion_length", self.max_completion_length, low=1)
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise ValueError(f"system_prompt must be a string or null, got {self.system_prompt!r}")
         _check_real("temperature", self.temperature, low=0.0, strict=True)
         _check_real("top_p", self.top_p, low=0.0, strict=True)
         if self.top_p > 1.0:
@@ -202,6 +281,7 @@ class GRPOConfig:
             _check_int("save_total_limit", self.save_total_limit, low=1)
         _check_int("logging_steps", self.logging_steps, low=1)
         _check_choice("report_to", self.report_to, REPORT_TO)
+        _check_int("log_completions_steps", self.log_completions_steps, low=0)
         _check_choice("dtype", self.dtype, DTYPES)
         if self.logprob_chunk_size is not None:
             _check_int("logprob_chunk_size", self.logprob_chunk_size, low=1)
@@ -210,7 +290,58 @@ class GRPOConfig:
             raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
         self.output_dir = str(self.output_dir)
         _check_bool("overwrite_output_dir", self.overwrite_output_dir)
+        self._check_extensions()
         self.loss_config()  # LossConfig validates the loss fields and names the culprit
+
+    def _check_extensions(self) -> None:
+        """Validation of the fields of the "beyond outcome GRPO" section."""
+        from grpokit.advantages import ADVANTAGE_ESTIMATORS
+        from grpokit.mismatch import TIS_LEVELS
+
+        _check_choice("advantage_estimator", self.advantage_estimator, tuple(ADVANTAGE_ESTIMATORS))
+        if self.advantage_estimator != "grpo" and self.scale_rewards != "group":
+            raise ValueError(f"scale_rewards applies to advantage_estimator 'grpo' only; got scale_rewards="
+                             f"{self.scale_rewards!r} with advantage_estimator={self.advantage_estimator!r}")
+        for name in ("process_supervision", "dynamic_sampling", "kl_in_reward", "log_exact_kl"):
+            _check_bool(name, getattr(self, name))
+        if self.step_delimiter is not None:
+            if not isinstance(self.step_delimiter, str) or not self.step_delimiter:
+                raise ValueError(f"step_delimiter must be a non-empty string or null, got {self.step_delimiter!r}")
+            if not self.process_supervision:
+                raise ValueError("step_delimiter needs process_supervision: true")
+        if self.process_supervision and (self.advantage_estimator != "grpo" or self.scale_rewards != "group"):
+            raise ValueError("process_supervision normalises step rewards by their group's mean and std "
+                             "(DeepSeekMath 4.1.3): leave advantage_estimator 'grpo' and scale_rewards 'group'")
+        _check_int("max_sampling_rounds", self.max_sampling_rounds, low=1)
+        if self.kl_in_reward and self.beta == 0:
+            raise ValueError("kl_in_reward needs beta > 0 (beta is the KL coefficient in the reward)")
+        _check_int("ref_reset_steps", self.ref_reset_steps, low=0)
+        _check_int("ref_sync_steps", self.ref_sync_steps, low=0)
+        if self.ref_sync_alpha is not None:
+            _check_real("ref_sync_alpha", self.ref_sync_alpha, low=0.0, strict=True)
+            if self.ref_sync_alpha > 1 or not self.ref_sync_steps:
+                raise ValueError(f"ref_sync_alpha must be in (0, 1] and needs ref_sync_steps > 0, got "
+                                 f"ref_sync_alpha={self.ref_sync_alpha!r}, ref_sync_steps={self.ref_sync_steps}")
+        elif self.ref_sync_steps:
+            raise ValueError("ref_sync_steps needs ref_sync_alpha (the Polyak coefficient)")
+        if self.ref_reset_steps and self.ref_sync_steps:
+            raise ValueError("give ref_reset_steps (hard resets) or ref_sync_alpha/ref_sync_steps (Polyak), not both")
+        for name in ("ref_reset_steps", "ref_sync_steps"):
+            value = getattr(self, name)
+            if value and value % self.steps_per_generation_cycle:
+                raise ValueError(f"{name}={value} must be a multiple of num_iterations * steps_per_rollout = "
+                                 f"{self.steps_per_generation_cycle}, so that pi_ref changes between rollouts")
+            if value and self.beta == 0 and not self.log_exact_kl:
+                raise ValueError(f"{name} refreshes pi_ref, which is unused with beta = 0; set beta > 0 "
+                                 "(or log_exact_kl: true)")
+        _check_int("reward_model_update_steps", self.reward_model_update_steps, low=0)
+        _check_real("reward_model_replay_fraction", self.reward_model_replay_fraction, low=0.0)
+        if self.reward_model_replay_fraction >= 1:
+            raise ValueError(f"reward_model_replay_fraction must be in [0, 1), got {self.reward_model_replay_fraction}")
+        _check_int("reward_model_buffer_size", self.reward_model_buffer_size, low=1)
+        if self.tis is not None:
+            _check_choice("tis", self.tis, TIS_LEVELS)
+        _check_real("tis_cap", self.tis_cap, low=0.0, strict=True)
 
     # ---- derived quantities ------------------------------------------------------------------------------
 
@@ -235,9 +366,11 @@ class GRPOConfig:
         return self.num_iterations * self.steps_per_rollout
 
     def loss_config(self) -> LossConfig:
-        """The ``LossConfig`` these fields describe (``max_completion_length`` is shared with generation)."""
+        """The ``LossConfig`` these fields describe (``max_completion_length`` is shared with generation; with
+        ``kl_in_reward`` the KL is in the advantages, so the loss's beta is 0)."""
+        beta = 0.0 if self.kl_in_reward else self.beta
         return LossConfig(
-            loss_type=self.loss_type, beta=self.beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
+            loss_type=self.loss_type, beta=beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
             delta=self.delta, importance_sampling_level=self.importance_sampling_level,
             kl_estimator=self.kl_estimator, max_completion_length=self.max_completion_length,
             sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,

@@ -299,3 +299,69 @@ def hidden_states(
     kw.setdefault("use_cache", False)
     out = body(input_ids=input_ids, attention_mask=attention_mask, **kw)
     return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the exact KL between two LM heads, for logging
+
+
+@torch.no_grad()
+def token_kl_exact(
+    hidden_p: torch.Tensor,
+    weight_p: torch.Tensor,
+    hidden_q: torch.Tensor,
+    weight_q: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    bias_p: torch.Tensor | None = None,
+    bias_q: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact per-position ``KL(p||q)`` and ``KL(q||p)`` over the whole vocabulary, chunked, without gradients.
+
+    ``p = softmax((hidden_p @ weight_p.T + bias_p) / temperature)`` and likewise ``q``: e.g. p the policy and q
+    the reference, each with its own body's hidden states and its own head (the vocabularies must match, the
+    hidden sizes need not). ``KL(p||q) = sum_v p_v (log p_v - log q_v)`` (``grpokit.kl.exact_kl``), computed
+    ``chunk_size`` rows at a time, so at most a few (chunk_size, V) buffers exist, never (B, T, V).
+
+    Args:
+        hidden_p: (B, T, Hp) (any leading shape); ``hidden_q`` (B, T, Hq) with the same leading shape.
+        weight_p: (V, Hp) LM head of p; ``weight_q`` (V, Hq).
+        temperature: both distributions are tempered by it (the sampling temperature), > 0.
+        bias_p, bias_q: (V,) head biases or ``None``.
+        chunk_size: rows of B*T per chunk; ``None``: ``default_chunk_size(V)``.
+
+    Returns:
+        ``(kl_pq, kl_qp)``, each (B, T) in the compute dtype (fp32, fp64 for fp64 inputs). With p = pi_theta
+        and q = pi_ref these are the reverse KL(pi_theta||pi_ref) and the forward KL(pi_ref||pi_theta).
+    """
+    if hidden_p.shape[:-1] != hidden_q.shape[:-1]:
+        raise ValueError(f"hidden_p {tuple(hidden_p.shape)} and hidden_q {tuple(hidden_q.shape)} must share "
+                         "their leading (B, T) shape")
+    for name, h, w in (("p", hidden_p, weight_p), ("q", hidden_q, weight_q)):
+        if w.dim() != 2 or w.size(1) != h.size(-1):
+            raise ValueError(f"weight_{name} must be (V, H={h.size(-1)}), got {tuple(w.shape)}")
+    if weight_p.size(0) != weight_q.size(0):
+        raise ValueError(f"the two heads have different vocabularies: {weight_p.size(0)} vs {weight_q.size(0)}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    vocab = weight_p.size(0)
+    cdtype = torch.promote_types(_compute_dtype(weight_p.dtype), _compute_dtype(weight_q.dtype))
+    if chunk_size is None:
+        chunk_size = default_chunk_size(vocab, cdtype)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    hp = hidden_p.reshape(-1, hidden_p.size(-1))  # (N, Hp)
+    hq = hidden_q.reshape(-1, hidden_q.size(-1))  # (N, Hq)
+    kl_pq = torch.empty(hp.size(0), dtype=cdtype, device=hp.device)
+    kl_qp = torch.empty_like(kl_pq)
+    for s in range(0, hp.size(0), chunk_size):
+        rows = slice(s, s + chunk_size)
+        # logits in the head's dtype (as nn.Linear makes them), then the softmax in the compute dtype
+        logp = torch.log_softmax(F.linear(hp[rows], weight_p, bias_p).to(cdtype) / temperature, dim=-1)  # (n, V)
+        logq = torch.log_softmax(F.linear(hq[rows], weight_q, bias_q).to(cdtype) / temperature, dim=-1)  # (n, V)
+        diff = logp.sub_(logq)  # log p - log q, in logp's buffer
+        kl_pq[rows] = (diff * (logq + diff).exp()).sum(-1)  # p = exp(log q + diff)
+        kl_qp[rows] = -(diff * logq.exp_()).sum(-1)
+    shape = hidden_p.shape[:-1]
+    return kl_pq.view(shape), kl_qp.view(shape)

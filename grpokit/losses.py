@@ -252,6 +252,7 @@ def grpo_loss(
     config: LossConfig,
     num_items_in_batch: float | torch.Tensor | None = None,
     totals: BatchTotals | None = None,
+    token_weights: torch.Tensor | None = None,
 ) -> LossOutput:
     """Negated GRPO objective (DeepSeekMath eq. 3) for one batch of completions.
 
@@ -267,6 +268,9 @@ def grpo_loss(
             argument); ``None`` uses this batch's own token count.
         totals: the optimizer-step batch's sequence and token counts when this call sees one micro-batch of
             it (``BatchTotals``); summing the micro-batch losses then reproduces the full-batch loss.
+        token_weights: (B, T) or (B, 1) constant weights multiplying the per-token surrogate before the KL term
+            is added (truncated importance sampling for a sampler/trainer mismatch, as TRL's
+            ``vllm_importance_sampling_correction``); ``None``: all 1.
     """
     if logps.shape != mask.shape:
         raise ValueError(f"logps {tuple(logps.shape)} and mask {tuple(mask.shape)} must have the same shape")
@@ -278,6 +282,8 @@ def grpo_loss(
     ratio = importance_weights(logps, old, mask, config.importance_sampling_level)  # (B, T) or (B, 1)
 
     per_token_loss, low, high = SURROGATES[config.loss_type](ratio, advantages, logps, config)
+    if token_weights is not None:
+        per_token_loss = per_token_loss * token_weights.detach().to(logps.dtype)
 
     metrics = {}
     if config.beta != 0.0:

@@ -2,13 +2,17 @@
 
 The loop, one rollout at a time (``train``):
 
-1. take ``prompts_per_step`` prompts and sample G = ``num_generations`` completions of each  (``rollout``)
-2. score every completion with the reward functions                                         (``score``)
-3. turn rewards into group-relative advantages A_i = (r_i - mean) / std                     (``group_advantages``)
-4. record log pi_old (only if the rollout feeds several steps) and log pi_ref (only if beta > 0)
+1. take ``prompts_per_step`` prompts and sample G = ``num_generations`` completions of each  (``sample_groups``;
+   with ``dynamic_sampling``, flat groups are replaced by new prompts' groups: ``gather_informative``)
+2. score every completion with the reward functions              (``score``; per step: ``process.score_steps``)
+3. turn rewards into group-relative advantages A_i = (r_i - mean) / std   (``outcome_advantages``; per token
+   with ``process_supervision``: ``process.step_advantages``; ``kl_in_reward`` adds ``kl_reward_to_go``)
+4. record log pi_old (only if the rollout feeds several steps, or for ``tis`` / ``kl_in_reward``) and log pi_ref
+   (only if beta > 0); with ``tis``, the capped weights pi_old / pi_sampler (``mismatch.tis_weights``)
 5. mu = ``num_iterations`` passes x ``steps_per_rollout`` mini-batches, one AdamW step each  (``update``),
    accumulating gradients over micro-batches so that ``micro_batch_size`` never changes the update
-6. log one row of metrics per optimizer step; checkpoint every ``save_steps`` and at the end
+6. log one row of metrics per optimizer step (with the exact KL to pi_ref: ``reference.exact_kl_metrics``);
+   refresh pi_ref / retrain a learned reward when due (``after_step``); checkpoint every ``save_steps``
 
 The math is elsewhere: ``grpo_loss`` (eq. 3 and variants), ``group_advantages`` (4.1.2), ``token_logprobs``.
 """
@@ -28,8 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from grpokit.advantages import group_advantages, nanstd
+from grpokit.advantages import nanstd, outcome_advantages
 from grpokit.batch import Batch
+from grpokit.chat import with_system_prompt
 from grpokit.checkpoint import (
     TrainingState,
     load_checkpoint_state,
@@ -41,10 +46,19 @@ from grpokit.checkpoint import (
 from grpokit.config import GRPOConfig
 from grpokit.data import PromptOrder, encode_prompt, is_chat, load_prompts
 from grpokit.distributed import RowsLogger, global_totals, init_world, parallelize, rollout_shard, sampler_seed
+from grpokit.dynamic_sampling import Sampled, gather_informative
 from grpokit.guards import is_finite_update, non_finite_error
+from grpokit.kl import kl_reward_to_go
+from grpokit.logging_backends import CompletionSamples, Reporter
 from grpokit.losses import grpo_loss
-from grpokit.metrics import MetricsLogger, plot_metrics, read_metrics
+from grpokit.metrics import MetricsLogger, plot_metrics, preload_plotting, read_metrics
+from grpokit.mismatch import mean_weight, tis_weights
+from grpokit.modeling import prepare_model, resolve_device
+from grpokit.peft_utils import adapters_disabled, is_peft_model, load_trained_weights
 from grpokit.preflight import check_model_source
+from grpokit.process import score_steps, step_advantages
+from grpokit.reference import exact_kl_metrics, sync_alpha, sync_reference
+from grpokit.reward_model import RewardModelUpdates, learned_rewards
 from grpokit.rewards import Scores, load_reward_funcs, score
 from grpokit.rollout import generate
 from grpokit.run_dir import begin_run, check_output_dir, resume_point
@@ -77,21 +91,37 @@ class GRPOTrainer:
         self.args = args = args if args is not None else GRPOConfig()
         self.dtype = DTYPES[args.dtype]
         # cheap checks first: a typo in a reward name should not wait for a model to load
-        self.reward_funcs = load_reward_funcs(reward_funcs)
+        self.reward_funcs = load_reward_funcs(reward_funcs, max_completion_length=args.max_completion_length)
         if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights has {len(args.reward_weights)} entries for "
                              f"{len(self.reward_funcs)} reward functions")
-        self.dataset = load_prompts(train_dataset)
+        self.dataset = with_system_prompt(load_prompts(train_dataset), args.system_prompt)
         self.columns = [c for c in self.dataset.column_names if c != "prompt"]
         self.world = init_world()  # one process, or this one's place among torchrun's (grpokit.distributed)
         self.shard = rollout_shard(args, self.world)  # which of a rollout's prompts this process samples
-        self.model, self.tokenizer = load_policy(model, tokenizer, self.dtype)
+        for name in ("dynamic_sampling", "reward_model_update_steps"):
+            if getattr(args, name) and self.world.world_size > 1:
+                raise ValueError(f"{name} is not supported under torchrun yet: run it as one process")
+        self.reward_model_updates = None  # learned rewards retrained on new samples (DeepSeekMath 4.1.4)
+        if args.reward_model_update_steps:
+            learners = learned_rewards(self.reward_funcs)
+            if not learners:
+                raise ValueError("reward_model_update_steps is set but no reward function has an update(samples) "
+                                 "method (see grpokit.reward_model.LearnedReward)")
+            self.reward_model_updates = RewardModelUpdates(
+                learners, every=args.reward_model_update_steps, replay_fraction=args.reward_model_replay_fraction,
+                buffer_size=args.reward_model_buffer_size, seed=args.seed)
+        self.model, self.tokenizer = load_policy(model, tokenizer, self.dtype, device=args.device)
+        self.model = prepare_model(self.model, args)  # gradient checkpointing, LoRA adapters (args.peft)
         self.loss_config = args.loss_config()
-        self.ref_model = make_reference(self.model, ref_model, args.beta, self.dtype)
+        self.ref_model = make_reference(self.model, ref_model, args.beta, self.dtype, keep=args.log_exact_kl)
+        self.log_exact_kl = self.ref_model is not None and (args.beta > 0 or args.log_exact_kl)
         self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
         # log-prob callables of pi_theta / pi_ref, wrapped in DDP or FSDP under torchrun; before the optimizer,
         # since FSDP replaces the parameters by their shards
         self.parallel = parallelize(self.model, self.ref_model, args.distributed, self.world)
+        if self.ref_model is None and args.beta > 0 and is_peft_model(self.model):  # LoRA: pi_ref = the base
+            self.parallel.reference = adapters_disabled(self.model, self.parallel.policy)  # model, no copy
 
         self.optimizer = make_optimizer(self.model, args)
         self.scheduler = make_scheduler(self.optimizer, args)
@@ -103,6 +133,7 @@ class GRPOTrainer:
         self._batch: Batch | None = None  # the rollout being trained on, until its mu * S steps are done
         self._rollout_metrics: dict[str, float] = {}
         self._prompt_cache: dict[int, list[int]] = {}
+        self._samples: CompletionSamples | None = None  # the last rollout's, for log_completions_steps
 
     # ------------------------------------------------------------------------------------------------------
 
@@ -128,8 +159,11 @@ class GRPOTrainer:
                                on_open=functools.partial(begin_run, output_dir, args, clear=checkpoint is None),
                                rows=self.history if checkpoint is not None else None)
         self.history = logger.rows  # the same list, growing: each checkpoint saves the rows so far
+        reporter = Reporter(output_dir, report_to=args.report_to, log_completions_steps=args.log_completions_steps,
+                            start_step=self.step, enabled=self.world.is_main)  # TensorBoard, samples.jsonl
         steps_per_rollout_cycle = args.steps_per_generation_cycle  # mu * steps_per_rollout
         saved_at = self.step if resume_from_checkpoint else None
+        preload_plotting()  # metrics.png is drawn at the end; import matplotlib meanwhile
         self.model.train()
         try:
             while self.step < args.max_steps:
@@ -144,11 +178,13 @@ class GRPOTrainer:
                 self.step += 1
                 if self.step % steps_per_rollout_cycle == 0:
                     self._batch = None
+                step_metrics.update(self.after_step())  # iterative RL: pi_ref refresh, reward-model update
                 # 6. log, checkpoint
                 elapsed = time.perf_counter() - start
                 row = {"step": self.step, **self._rollout_metrics, **step_metrics, "step_time": elapsed,
                        "tokens_per_s": step_metrics.pop("num_tokens") / elapsed}
                 logger.log(row)
+                reporter.log(row, self._samples)
                 if args.save_steps and self.step % args.save_steps == 0:
                     self.save_checkpoint()
                     saved_at = self.step
@@ -156,6 +192,7 @@ class GRPOTrainer:
                 self.save_checkpoint()
         finally:
             logger.close()
+            reporter.close()
             self.history = logger.rows
         if self.history and self.world.is_main:
             plot_metrics(self.history, output_dir / "metrics.png")
@@ -172,30 +209,28 @@ class GRPOTrainer:
     def rollout(self) -> tuple[Batch, dict[str, float]]:
         """Steps 1-4: sample, score, advantages, pi_old / pi_ref log-probs. Returns the batch and its metrics."""
         args, G = self.args, self.args.num_generations
-        rows = self.shard.take(self.order.take(args.prompts_per_step))  # under torchrun, this process's share
-        examples = [self.dataset[i] for i in rows]
-        prompt_tokens = [self.encode(i, ex["prompt"]) for i, ex in zip(rows, examples)]
-
-        # 1. sample G completions per prompt; a group's completions are consecutive rows
-        with self.parallel.full_weights():  # FSDP: the whole policy on every process while sampling
-            rollout = generate(
-                self.model, self.tokenizer, [p for p in prompt_tokens for _ in range(G)],
-                max_new_tokens=args.max_completion_length, eos_token_ids=self.eos_token_ids,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=self.generator,
-            )
-        # 2. rewards (TRL's contract: chat prompts get chat-shaped completions)
-        prompts = [ex["prompt"] for ex in examples for _ in range(G)]
-        completions = [[{"role": "assistant", "content": text}] if is_chat(p) else text
-                       for p, text in zip(prompts, rollout.texts)]
-        completion_ids = [ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)]
-        columns = {c: [ex[c] for ex in examples for _ in range(G)] for c in self.columns}
-        scores = score(self.reward_funcs, args.reward_weights, prompts, completions, completion_ids, columns)
+        # 1-2. G scored completions per prompt; DAPO's dynamic sampling swaps flat groups for new prompts' groups
+        if args.dynamic_sampling:
+            sampled, extra = gather_informative(self.sample_groups, args.prompts_per_step, G, args.max_sampling_rounds,
+                                                self.tokenizer.pad_token_id)
+        else:
+            sampled, extra = self.sample_groups(args.prompts_per_step), {}
+        rollout = sampled.rollout
+        if self.reward_model_updates is not None:
+            self.reward_model_updates.record(sampled.prompts, sampled.completions, sampled.completion_ids,
+                                             sampled.columns, sampled.scores.rewards)
         # under torchrun: every process's rows, in the global rollout's order (advantages, metrics as one process)
-        scores = Scores(rewards=self.shard.gather(scores.rewards), per_func=self.shard.gather(scores.per_func))
+        scores = Scores(rewards=self.shard.gather(sampled.scores.rewards),
+                        per_func=self.shard.gather(sampled.scores.per_func))
         lengths, truncated = (self.shard.gather(t) for t in (rollout.completion_mask.sum(-1), rollout.is_truncated))
-        # 3. group-relative advantages (DeepSeekMath 4.1.2), NaN rewards -> 0; this process's rows
-        advantages = group_advantages(scores.rewards, G, args.scale_rewards)  # (N,)
-        advantages = self.shard.local(advantages).to(rollout.completion_ids.device)
+        # 3. group-relative advantages, NaN rewards -> 0; this process's rows
+        if args.process_supervision:  # (N, C), DeepSeekMath 4.1.3; a group's rows are all on this process
+            advantages = step_advantages(sampled.scores, self.tokenizer, sampled.completion_ids, rollout.texts, G,
+                                         rollout.completion_ids.size(1))
+        else:  # (N,), DeepSeekMath 4.1.2 (or rloo / dr_grpo)
+            advantages = outcome_advantages(scores.rewards, G, args.advantage_estimator, args.scale_rewards)
+            advantages = self.shard.local(advantages)
+        advantages = advantages.to(rollout.completion_ids.device)
 
         loss_mask = rollout.completion_mask
         if args.mask_truncated_completions:
@@ -203,13 +238,57 @@ class GRPOTrainer:
         batch = Batch(prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask,
                       completion_ids=rollout.completion_ids, completion_mask=rollout.completion_mask,
                       loss_mask=loss_mask, advantages=advantages)
-        # 4. pi_old only when this rollout feeds more than one optimizer step (else pi_old = sg(pi_theta));
-        #    pi_ref only when beta > 0. Both before any update, without gradients.
-        if args.steps_per_generation_cycle > 1:
-            batch.old_logps = self.frozen_logps(self.parallel.policy, batch)
-        if self.ref_model is not None and args.beta > 0:
+        # 4. pi_old only when this rollout feeds more than one optimizer step (else pi_old = sg(pi_theta)), or
+        #    for tis / kl_in_reward; pi_ref only when beta > 0. Both before any update, without gradients.
+        policy_logps = None
+        if args.steps_per_generation_cycle > 1 or args.tis or args.kl_in_reward:
+            policy_logps = self.frozen_logps(self.parallel.policy, batch)  # (N, C)
+            if args.steps_per_generation_cycle > 1:
+                batch.old_logps = policy_logps
+        if self.parallel.reference is not None and args.beta > 0:
             batch.ref_logps = self.frozen_logps(self.parallel.reference, batch)
-        return batch, rollout_metrics(scores, self.reward_funcs, lengths, truncated, G)
+        if args.kl_in_reward:  # -beta * sum_{s>=t} sg(k1_s) per token: the sequence KL's exact gradient
+            mask = batch.completion_mask.to(policy_logps.dtype)
+            kl_rtg = kl_reward_to_go(policy_logps, batch.ref_logps, mask, args.beta)  # (N, C)
+            batch.advantages = batch.advantages.view(len(batch), -1).to(kl_rtg.dtype) + kl_rtg
+            k1 = (policy_logps - batch.ref_logps) * batch.loss_mask
+            extra["kl"] = float(k1.sum() / batch.loss_mask.sum().clamp(min=1))
+        if args.tis:  # truncated importance sampling: capped pi_old / pi_sampler per token or per sequence
+            batch.tis_weights = tis_weights(policy_logps, rollout.sampling_logps, batch.completion_mask,
+                                            level=args.tis, cap=args.tis_cap)
+            extra["tis/mean_weight"] = mean_weight(batch.tis_weights, batch.loss_mask)
+        if args.log_completions_steps:
+            self._samples = CompletionSamples.of(sampled.prompts, rollout.texts, sampled.scores,
+                                                 [f.name for f in self.reward_funcs], batch.advantages,
+                                                 batch.completion_mask)
+        return batch, {**rollout_metrics(scores, self.reward_funcs, lengths, truncated, G), **extra}
+
+    def sample_groups(self, num_prompts: int) -> Sampled:
+        """Steps 1-2 for the next ``num_prompts`` prompts: G completions each (a group's rows consecutive),
+        scored by the reward functions (per step with ``process_supervision``)."""
+        args, G = self.args, self.args.num_generations
+        rows = self.shard.take(self.order.take(num_prompts))  # under torchrun, this process's share
+        examples = [self.dataset[i] for i in rows]
+        prompt_tokens = [self.encode(i, ex["prompt"]) for i, ex in zip(rows, examples)]
+        with self.parallel.full_weights():  # FSDP: the whole policy on every process while sampling
+            rollout = generate(
+                self.model, self.tokenizer, [p for p in prompt_tokens for _ in range(G)],
+                max_new_tokens=args.max_completion_length, eos_token_ids=self.eos_token_ids,
+                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, generator=self.generator,
+            )
+        # TRL's contract: chat prompts get chat-shaped completions
+        prompts = [ex["prompt"] for ex in examples for _ in range(G)]
+        completions = [[{"role": "assistant", "content": text}] if is_chat(p) else text
+                       for p, text in zip(prompts, rollout.texts)]
+        completion_ids = [ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)]
+        columns = {c: [ex[c] for ex in examples for _ in range(G)] for c in self.columns}
+        if args.process_supervision:
+            scores = score_steps(self.reward_funcs, args.reward_weights, prompts, completions, completion_ids, columns,
+                                 rollout.texts, args.step_delimiter)
+        else:
+            scores = score(self.reward_funcs, args.reward_weights, prompts, completions, completion_ids, columns)
+        return Sampled(rollout=rollout, scores=scores, prompts=prompts, completions=completions,
+                       completion_ids=completion_ids, columns=columns)
 
     def update(self, mini: Batch) -> dict[str, float]:
         """Step 5 for one mini-batch: forward/backward over micro-batches, clip, one AdamW step.
@@ -220,6 +299,11 @@ class GRPOTrainer:
         # every process is a share of one global loss, and the batch of dapo/cispo is the optimizer step's
         totals = global_totals(self.world, mini.loss_mask)
         num_items = totals.num_tokens
+        exact = {}
+        if self.log_exact_kl:  # the exact full-vocabulary KL to pi_ref of the policy this step starts from
+            with self.parallel.full_weights(reference=True):
+                exact = exact_kl_metrics(self.model, self.ref_model, mini, temperature=self.args.temperature,
+                                         micro_batch=self.args.micro_batch, chunk_size=self.args.logprob_chunk_size)
         sums = {"loss": 0.0, "entropy": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio_low": 0.0,
                 "clip_ratio_high": 0.0, "ratio_mean": 0.0}
         tokens = max(int(num_items), 1)
@@ -231,7 +315,8 @@ class GRPOTrainer:
                     temperature=self.args.temperature, chunk_size=self.args.logprob_chunk_size, return_entropy=True,
                 )  # (n, C) each
                 out = grpo_loss(logps, micro.advantages, micro.loss_mask, old_logps=micro.old_logps,
-                                ref_logps=micro.ref_logps, config=self.loss_config, totals=totals)
+                                ref_logps=micro.ref_logps, config=self.loss_config, totals=totals,
+                                token_weights=micro.tis_weights)
                 (out.loss * self.parallel.loss_scale).backward()  # x W under DDP/FSDP: they average gradients
             share = float(micro.loss_mask.sum()) / tokens  # token-weighted means over the mini-batch
             sums["loss"] += out.loss.item()
@@ -242,7 +327,7 @@ class GRPOTrainer:
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
         if not is_finite_update(sums["loss"], grad_norm):  # never step on NaN/inf: the run stops here
             self.optimizer.zero_grad(set_to_none=True)
             raise non_finite_error(self.step + 1, sums["loss"], grad_norm, self.args.output_dir)
@@ -250,10 +335,22 @@ class GRPOTrainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if self.args.beta == 0:
+        if self.loss_config.beta == 0:  # no KL in the loss (beta = 0, or kl_in_reward: the rollout logs it)
             del sums["kl"]
-        return {**sums, "learning_rate": learning_rate, "grad_norm": float(grad_norm),
+        return {**sums, **exact, "learning_rate": learning_rate, "grad_norm": float(grad_norm),
                 "num_tokens": int(self.world.all_reduce_sum(mini.completion_mask.sum()))}
+
+    def after_step(self) -> dict[str, float]:
+        """Iterative RL (DeepSeekMath 4.1.4) after optimizer step ``self.step``: pi_ref <- pi_theta (or a Polyak
+        step towards it) when due, at rollout boundaries; a learned reward's ``update`` when due."""
+        args = self.args
+        alpha = sync_alpha(self.step, reset_steps=args.ref_reset_steps, sync_steps=args.ref_sync_steps,
+                           alpha=args.ref_sync_alpha)
+        if alpha is not None and self.ref_model is not None:
+            sync_reference(self.ref_model, self.model, alpha)
+        if self.reward_model_updates is None:
+            return {}
+        return self.reward_model_updates.maybe_update(self.step)
 
     @torch.no_grad()
     def frozen_logps(self, logps_of, batch: Batch) -> torch.Tensor:
@@ -290,7 +387,7 @@ class GRPOTrainer:
         """Restore everything ``save_checkpoint`` wrote, so the run continues as if never stopped."""
         state, tensors = load_checkpoint_state(path)
         tensors = self.parallel.checkpoint_tensors(path, tensors)  # under torchrun: this process's RNG, rollout
-        self.parallel.load_weights(self.model, path, load_weights)
+        self.parallel.load_weights(self.model, path, load_trained_weights)  # LoRA: the adapters
         if self.ref_model is not None and (path / "ref_model").is_dir():
             self.parallel.load_weights(self.ref_model, path / "ref_model", load_weights)
         self.parallel.load_optimizer(self.optimizer, tensors["optimizer"])
@@ -311,15 +408,14 @@ class GRPOTrainer:
 # set-up helpers
 
 
-def load_policy(model, tokenizer, dtype: torch.dtype):
-    """(model, tokenizer) from a path/hub id or a module; the pad token defaults to EOS."""
+def load_policy(model, tokenizer, dtype: torch.dtype, device: str = "auto"):
+    """(model, tokenizer) from a path/hub id or a module; the pad token defaults to EOS. A loaded model goes to
+    ``device`` (``auto``: CUDA when present); a module passed in moves only when ``device`` is not ``auto``."""
     from transformers import AutoTokenizer
 
     if isinstance(model, (str, Path)):
         source = str(model)
-        model = load_model(source, dtype)
-        if torch.cuda.is_available():  # a module passed in stays on its device; a loaded one uses the GPU
-            model.to("cuda")
+        model = load_model(source, dtype).to(resolve_device(device))
         if tokenizer is None:
             tokenizer = source
     elif not isinstance(model, torch.nn.Module):
@@ -328,6 +424,8 @@ def load_policy(model, tokenizer, dtype: torch.dtype):
         raise ValueError("a model given as an nn.Module needs tokenizer=")
     else:
         model.to(dtype)
+        if device != "auto":
+            model.to(resolve_device(device))
     if isinstance(tokenizer, (str, Path)):
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
@@ -351,9 +449,13 @@ def load_model(source: str, dtype: torch.dtype) -> torch.nn.Module:
         raise ValueError(f"cannot load model {source!r}: {str(e).splitlines()[0]}") from e
 
 
-def make_reference(model: torch.nn.Module, ref_model, beta: float, dtype: torch.dtype) -> torch.nn.Module | None:
-    """pi_ref: the given model, or a deep copy of the initial policy when beta > 0; frozen, in eval mode."""
-    if ref_model is None and beta == 0:
+def make_reference(model: torch.nn.Module, ref_model, beta: float, dtype: torch.dtype,
+                   keep: bool = False) -> torch.nn.Module | None:
+    """pi_ref: the given model, or a deep copy of the initial policy when beta > 0 (or ``keep``: wanted with
+    beta = 0, for ``log_exact_kl``); frozen, in eval mode."""
+    if ref_model is None and beta == 0 and not keep:
+        return None
+    if ref_model is None and is_peft_model(model):  # LoRA: pi_ref is the base model, adapters disabled
         return None
     if ref_model is None:
         ref = copy.deepcopy(model)
@@ -361,7 +463,7 @@ def make_reference(model: torch.nn.Module, ref_model, beta: float, dtype: torch.
         ref = load_model(str(ref_model), dtype).to(next(model.parameters()).device)
     else:
         ref = ref_model.to(dtype)
-    if beta == 0:
+    if beta == 0 and not keep:
         warnings.warn("ref_model is given but beta = 0: the reference model is not used", stacklevel=3)
     ref.eval()
     ref.requires_grad_(False)
@@ -385,8 +487,10 @@ def make_optimizer(model: torch.nn.Module, args: GRPOConfig) -> torch.optim.Adam
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": args.weight_decay},
               {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    # the fused kernel updates every tensor in one call: same AdamW, far fewer ops per step for small models
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate,
-                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+                             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
+                             fused=all(p.is_floating_point() for p in params))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, args: GRPOConfig) -> torch.optim.lr_scheduler.LambdaLR:

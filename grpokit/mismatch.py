@@ -1,0 +1,47 @@
+"""Rollout/training mismatch: truncated importance sampling (TIS) of the sampler's tokens.
+
+When completions come from another engine or precision (vLLM, a bf16 sampler, a fused decode path), the
+distribution that drew token ``o_t``, ``pi_sampler``, differs slightly from the trainer's ``pi_old`` even
+at the same weights. The policy-gradient estimate then needs the weight ``pi_old(o_t) / pi_sampler(o_t)``;
+unbounded, that weight has a heavy tail, so it is capped (Yao et al. 2025, "Your efficient RL framework
+secretly brings you off-policy RL training"; TRL's ``vllm_importance_sampling_correction``, OpenRLHF's and
+open-instruct's TIS):
+
+    token:     w_t = min(exp(log pi_old(o_t) - log pi_sampler(o_t)), cap)                (B, T)
+    sequence:  w   = min(exp(sum_t (log pi_old(o_t) - log pi_sampler(o_t))), cap)        (B, 1)
+
+The weight is a constant (detached) factor on each token's surrogate loss, applied before the KL term is
+added (``grpo_loss(..., token_weights=w)``), as TRL's ``token_truncate`` / ``sequence_truncate`` modes do.
+``log pi_sampler`` is ``Rollout.sampling_logps`` (the tempered distribution the sampler drew from, before
+top-k/top-p filtering), so TIS corrects numerical mismatch, not filtering.
+"""
+
+from __future__ import annotations
+
+import torch
+
+TIS_LEVELS = ("token", "sequence")
+
+
+def tis_weights(old_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor, *, level: str = "token",
+                cap: float = 2.0) -> torch.Tensor:
+    """Truncated importance weights ``min(pi_old / pi_sampler, cap)``: (B, T) for ``token``, (B, 1) for
+    ``sequence`` (exp of the summed log-ratio over the completion's tokens, as TRL). Padding (mask 0) counts
+    as log-ratio 0, so it weighs 1 and adds nothing to a sequence's ratio; so does a NaN sampler log-prob."""
+    if level not in TIS_LEVELS:
+        raise ValueError(f"tis must be one of {', '.join(TIS_LEVELS)}; got {level!r}")
+    if old_logps.shape != sampling_logps.shape or old_logps.shape != mask.shape:
+        raise ValueError(f"old_logps {tuple(old_logps.shape)}, sampling_logps {tuple(sampling_logps.shape)} and "
+                         f"mask {tuple(mask.shape)} must have the same (B, T) shape")
+    log_ratio = torch.nan_to_num((old_logps - sampling_logps.to(old_logps.dtype)) * mask, nan=0.0)  # (B, T)
+    if level == "sequence":
+        log_ratio = log_ratio.sum(-1, keepdim=True)  # (B, 1)
+    return torch.exp(log_ratio).clamp(max=cap).detach()
+
+
+def mean_weight(weights: torch.Tensor, mask: torch.Tensor) -> float:
+    """Mean TIS weight over the loss tokens (``token``) or over the completions with any (``sequence``)."""
+    if weights.size(-1) == 1 and mask.size(-1) != 1:
+        rows = mask.sum(-1) > 0
+        return float(weights.squeeze(-1)[rows].mean()) if rows.any() else 1.0
+    return float((weights * mask).sum() / mask.sum().clamp(min=1))
