@@ -3,6 +3,7 @@
     grpokit verify                                   re-check the GRPO theory on this machine
     grpokit train                                    the embedded demo (tiny model, learns in seconds)
     grpokit train --config run.yaml [--key value]    a GRPO run described by a YAML file
+    grpokit plot | eval | merge | docs               around training (see grpokit.commands)
 
 The YAML keys are the ``GRPOConfig`` fields plus ``model`` (path or hub id), ``dataset`` (path),
 ``reward_funcs`` (list of built-in names, "module:function" or "path/file.py:function"), and optionally
@@ -42,7 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     p_train.add_argument("--overwrite", action="store_true",
                          help="start afresh even if output_dir holds an earlier run (overwrite_output_dir: true)")
     p_train.add_argument("--debug", action="store_true", help="show tracebacks")
+    from grpokit.commands import COMMANDS, add_commands, run_command
+
+    add_commands(sub)  # plot, eval, merge, docs
     args, rest = parser.parse_known_args(argv)
+    if args.command in COMMANDS:
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return run_command(args)
     if args.command == "verify":
         if rest:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")

@@ -91,14 +91,17 @@ def demo_config(**overrides):
     return GRPOConfig.from_dict(fields)
 
 
-def build_demo(config):
+def build_demo(config, write: bool = True):
     """(model path, dataset): the tokenizer and random-init model are saved under ``output_dir/init`` so
-    that the trainer loads them with from_pretrained, as it would a real model."""
+    that the trainer loads them with from_pretrained, as it would a real model (``write=False``: only the
+    path, for the processes of a torchrun launch other than rank 0)."""
+    init = Path(config.output_dir) / "init"
+    if not write:
+        return str(init), letter_task()
     tokenizer = char_tokenizer()
     model = tiny_model(tokenizer, seed=config.seed)
     from grpokit.trainer import quiet_transformers
 
-    init = Path(config.output_dir) / "init"
     with quiet_transformers():
         model.save_pretrained(init)
     tokenizer.save_pretrained(init)
@@ -107,19 +110,23 @@ def build_demo(config):
 
 def run_demo(overrides: dict | None = None, resume_from_checkpoint=None) -> dict | None:
     """Train the demo; returns the last metrics row (``reward`` should end >= 0.9)."""
+    from grpokit.distributed import init_world
     from grpokit.trainer import GRPOTrainer
 
     start = time.perf_counter()
     config = demo_config(**(overrides or {}))
-    model_path, dataset = build_demo(config)
-    print(f"grpokit demo: random-init 2-layer Llama (hidden 64), character tokenizer, task 'c' -> 'cccc' "
-          f"(letters {DEMO_LETTERS}); GRPO {config.prompts_per_step} prompts x {config.num_generations} completions, "
-          f"{config.max_steps} steps -> {config.output_dir}/", flush=True)
+    world = init_world()  # under torchrun, rank 0 writes the initial model and speaks; the others wait for it
+    model_path, dataset = build_demo(config, write=world.is_main)
+    world.barrier()
+    say = print if world.is_main else (lambda *args, **kwargs: None)
+    say(f"grpokit demo: random-init 2-layer Llama (hidden 64), character tokenizer, task 'c' -> 'cccc' "
+        f"(letters {DEMO_LETTERS}); GRPO {config.prompts_per_step} prompts x {config.num_generations} completions, "
+        f"{config.max_steps} steps -> {config.output_dir}/", flush=True)
     trainer = GRPOTrainer(model_path, "char_match", dataset, args=config)
     history = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     if not history:
         return None
     first, last = history[0], history[-1]
-    print(f"grpokit demo: reward {first['reward']:.3f} -> {last['reward']:.3f} in "
-          f"{time.perf_counter() - start:.1f} s; see {config.output_dir}/metrics.png", flush=True)
+    say(f"grpokit demo: reward {first['reward']:.3f} -> {last['reward']:.3f} in "
+        f"{time.perf_counter() - start:.1f} s; see {config.output_dir}/metrics.png", flush=True)
     return last

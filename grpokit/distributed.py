@@ -91,6 +91,15 @@ class World:
         total = self.all_reduce_sum(torch.tensor(list(values.values()), dtype=torch.float64))
         return dict(zip(values, total.tolist()))
 
+    def weighted_mean(self, values: dict[str, float], weight: float) -> dict[str, float]:
+        """Means over ``weight`` items (e.g. loss tokens) of this process -> the means over every process's
+        items (exact for token-weighted means)."""
+        if self.world_size == 1 or not values:
+            return values
+        sums = self.sum_floats({**{k: v * weight for k, v in values.items()}, "": float(weight)})
+        total = max(sums.pop(""), 1.0)
+        return {k: v / total for k, v in sums.items()}
+
     def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """(n, ...) on every process -> (W * n, ...): rank 0's rows, then rank 1's, ... (same n everywhere)."""
         if self.world_size == 1:

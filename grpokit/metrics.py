@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-PLOTTED = ("reward", "kl", "completion_length", "entropy")
+PLOTTED = ("reward", "kl", "entropy", "completion_length", "clip_ratio")  # panels of plot_runs, in order
 
 
 def read_metrics(path: str | Path, upto_step: int | None = None) -> list[dict[str, Any]]:
@@ -145,28 +145,51 @@ def preload_plotting() -> threading.Thread:
 
 
 def plot_metrics(rows: list[dict[str, Any]], path: str | Path) -> None:
-    """reward, KL, completion length and entropy against step, in one PNG (matplotlib, Agg)."""
+    """One run's ``PLOTTED`` metrics against step, in one PNG (``metrics.png``)."""
+    plot_runs({"": rows}, path)
+
+
+def plot_runs(runs: dict[str, list[dict[str, Any]]], path: str | Path) -> None:
+    """reward (+- its std), KL, entropy, completion length and clip ratio against step, one panel each, every
+    run of ``runs`` ({label: metrics rows}) a line on each panel; a legend when there are several. PNG, Agg."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(10, 6.5), sharex=True)
-    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(2, 3, figsize=(14, 6.5), sharex=True)
     for ax, name in zip(axes.flat, PLOTTED):
-        values = [math.nan if r.get(name) is None else r[name] for r in rows]
-        if name == "kl" and all(math.isnan(v) for v in values):
-            ax.text(0.5, 0.5, "beta = 0: no reference model", ha="center", va="center", transform=ax.transAxes)
-        else:
-            ax.plot(steps, values, lw=1.2)
-            if name == "reward" and "reward_std" in rows[0]:
+        drawn = False
+        for label, rows in runs.items():
+            steps = [r["step"] for r in rows]
+            values = [math.nan if r.get(name) is None else r[name] for r in rows]
+            if all(math.isnan(v) for v in values):
+                continue
+            (line,) = ax.plot(steps, values, lw=1.2, label=label or None)
+            drawn = True
+            if name == "reward" and any(r.get("reward_std") is not None for r in rows):
                 std = [math.nan if r.get("reward_std") is None else r["reward_std"] for r in rows]
                 ax.fill_between(steps, [v - s for v, s in zip(values, std)], [v + s for v, s in zip(values, std)],
-                                alpha=0.2)
+                                alpha=0.15, color=line.get_color())
+        if not drawn:
+            why = "beta = 0: no reference model" if name == "kl" else "not logged"
+            ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
         ax.set_title(name)
         ax.grid(alpha=0.3)
+    legend = axes.flat[len(PLOTTED)]  # the spare panel holds the legend
+    legend.axis("off")
+    if len(runs) > 1:
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        for ax in axes.flat[1:len(PLOTTED)]:
+            for h, lab in zip(*ax.get_legend_handles_labels()):
+                if lab not in labels:
+                    handles.append(h)
+                    labels.append(lab)
+        legend.legend(handles, labels, loc="center", title="run")
     for ax in axes[-1]:
         ax.set_xlabel("step")
+    axes[0][-1].set_xlabel("step")  # the panel above the legend shows its own step ticks
+    axes[0][-1].xaxis.set_tick_params(labelbottom=True)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -12,6 +12,7 @@ completions. Rank 0 writes ``OUT_DIR/<name>.pt`` with the whole parameters after
 from __future__ import annotations
 
 import json
+import os
 import sys
 import zlib
 from pathlib import Path
@@ -91,8 +92,22 @@ def run_case(case: dict, out: Path) -> dict:
     return {"params": whole_parameters(trainer), "history": history, "world_size": trainer.world.world_size}
 
 
+def collectives() -> dict:
+    """What ``World``'s helpers return on this process (rank r contributes r + 1)."""
+    from grpokit.distributed import init_world
+
+    world = init_world()
+    r = world.rank
+    return {"sum": world.all_reduce_sum(torch.tensor([r + 1.0])).item(),
+            "gather": world.gather_rows(torch.tensor([[r, r], [r, -r]])).tolist(),
+            "gather_bool": world.gather_rows(torch.tensor([r == 0, True])).tolist(),
+            "weighted_mean": world.weighted_mean({"x": r + 1.0}, weight=r + 1.0),
+            "broadcast": world.broadcast_object(f"from rank {r}")}
+
+
 def main() -> None:
     cases, out = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2])
+    torch.save(collectives(), out / f"collectives-{int(os.environ.get('RANK', 0))}.pt")
     for case in cases:
         result = run_case(case, out)
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:

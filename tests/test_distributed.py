@@ -99,6 +99,7 @@ def test_one_process_without_torchrun(monkeypatch):
     assert world == World() and world.is_main and not torch.distributed.is_initialized()
     x = torch.ones(3)
     assert world.all_reduce_sum(x) is x and world.gather_rows(x) is x and world.sum_floats({"a": 1.0}) == {"a": 1.0}
+    assert world.weighted_mean({"kl": 0.5}, 7.0) == {"kl": 0.5}
     assert sampler_seed(42, 0) == 42 and sampler_seed(42, 1) != sampler_seed(43, 0)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("MASTER_ADDR", raising=False)
@@ -110,13 +111,27 @@ def test_one_process_without_torchrun(monkeypatch):
 
 
 @pytest.mark.slow
+def test_collectives_of_two_processes(two_processes):
+    for rank in range(2):
+        got = torch.load(two_processes / f"collectives-{rank}.pt", weights_only=False)
+        assert got == {"sum": 3.0, "gather": [[0, 0], [0, 0], [1, 1], [1, -1]],
+                       "gather_bool": [True, True, False, True], "weighted_mean": {"x": pytest.approx(5 / 3)},
+                       "broadcast": "from rank 0"}
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
 def test_two_processes_make_the_same_updates_as_one(two_processes, case, tmp_path, monkeypatch):
     """Same completions (fixed_generate), float64: parameters after every step of the run and each step's
     metrics agree with one process to rounding; the split, the reward gather, the global loss totals and
     DDP's / FSDP's gradient averaging change nothing else."""
     monkeypatch.setattr(grpokit.trainer, "generate", grpokit.trainer.generate)  # restored after the test
-    one = distributed_worker.run_case(case, tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each torchrun process (OMP_NUM_THREADS=1); tiny matrices gain nothing from more
+    try:
+        one = distributed_worker.run_case(case, tmp_path)
+    finally:
+        torch.set_num_threads(threads)
     two = torch.load(two_processes / f"{case['name']}.pt", weights_only=False)
     assert one["world_size"] == 1 and two["world_size"] == 2
     assert len(two["history"]) == len(one["history"]) == case.get("max_steps", 2)

@@ -1,6 +1,7 @@
 """DAPO dynamic sampling (grpokit.dynamic_sampling): flat groups dropped, refills, the cap, re-padding; and in
 the trainer."""
 
+import pytest
 import torch
 
 from grpokit import GRPOConfig
@@ -88,3 +89,25 @@ def test_trainer_keeps_only_informative_groups(tmp_path):
         assert row["frac_zero_std_groups"] == 0.0  # every trained group carries a signal
         assert row["dynamic_sampling/rounds"] >= 1
     assert sum(row["dynamic_sampling/dropped_groups"] for row in rows) > 0
+
+
+def test_overlong_filtering_divides_by_the_tokens_it_keeps(tmp_path):
+    """mask_truncated_completions (DAPO's overlong filtering) with a token-level loss: truncated completions
+    leave the numerator *and* the denominator (TRL #6369 counted them in the latter)."""
+    from grpokit.batch import completion_logps
+    from grpokit.losses import grpo_loss
+
+    tokenizer = char_tokenizer("abcd")
+    config = GRPOConfig(output_dir=str(tmp_path), prompts_per_step=4, num_generations=4, max_completion_length=2,
+                        loss_type="dapo", mask_truncated_completions=True, learning_rate=1e-2)
+    trainer = GRPOTrainer(tiny_model(tokenizer, hidden_size=32), flat_for_a_and_b,
+                          [{"prompt": p} for p in "cdcd"], args=config, tokenizer=tokenizer)
+    batch, _ = trainer.rollout()
+    kept = batch.loss_mask.sum()
+    assert 0 < kept < batch.completion_mask.sum()  # some completions truncated, some not
+    logps = completion_logps(trainer.model, batch.prompt_ids, batch.prompt_mask, batch.completion_ids,
+                             batch.completion_mask)
+    expected = grpo_loss(logps, batch.advantages, batch.loss_mask, config=trainer.loss_config)
+    per_token = expected.per_token_loss.detach()
+    assert expected.loss.item() == pytest.approx(((per_token * batch.loss_mask).sum() / kept).item(), rel=1e-6)
+    assert trainer.update(batch)["loss"] == pytest.approx(expected.loss.item(), rel=1e-5, abs=1e-8)

@@ -4,8 +4,9 @@ Contract (TRL's): ``f(prompts, completions, completion_ids, **columns) -> list[f
 completion, every dataset column but ``prompt`` passed as a keyword list aligned with the completions. ``None``
 means "this function does not score this sample"; a sample no function scores gets reward NaN and advantage 0.
 
-A reward function can be given as a callable, a built-in name (``grpokit.rewards.builtin.REGISTRY``),
-``"package.module:function"`` or ``"path/to/file.py:function"``.
+A reward function can be given as a callable, a built-in name (``grpokit.rewards.builtin.REGISTRY``, plus
+``soft_overlong``, built from ``max_completion_length``), ``"package.module:function"`` or
+``"path/to/file.py:function"``. The built-ins are importable from here: ``from grpokit.rewards import accuracy``.
 """
 
 from __future__ import annotations
@@ -22,7 +23,21 @@ from typing import Any
 
 import torch
 
-from grpokit.rewards.builtin import REGISTRY
+from grpokit.rewards.builtin import (
+    CONFIGURED,
+    REGISTRY,
+    char_match,
+    completion_text,
+    contains_answer,
+    exact_match,
+)
+from grpokit.rewards.reasoning import accuracy, overlong_penalty, soft_overlong, think_format
+
+__all__ = [
+    "RewardError", "RewardFunction", "Scores", "load_reward_funcs", "resolve_reward_func", "score", "call_reward",
+    "completion_text", "char_match", "exact_match", "contains_answer", "accuracy", "think_format", "soft_overlong",
+    "overlong_penalty",
+]
 
 
 class RewardError(ValueError):
@@ -47,16 +62,17 @@ class Scores:
     """(N, F) float32, one column per reward function, NaN where it returned None."""
 
 
-def load_reward_funcs(specs: Any) -> list[RewardFunction]:
+def load_reward_funcs(specs: Any, *, max_completion_length: int | None = None) -> list[RewardFunction]:
     """One ``RewardFunction`` per spec (a callable, a built-in name, "module:function" or "file.py:function");
-    a single spec may be given bare. Metric names are made unique by suffixing ``_2``, ``_3``..."""
+    a single spec may be given bare. Metric names are made unique by suffixing ``_2``, ``_3``...
+    ``max_completion_length`` builds the config-dependent built-ins named in ``CONFIGURED``."""
     if specs is None or (isinstance(specs, (list, tuple)) and not specs):
         raise ValueError("at least one reward function is needed (reward_funcs)")
     if not isinstance(specs, (list, tuple)):
         specs = [specs]
     funcs, seen = [], {}
     for spec in specs:
-        fn = resolve_reward_func(spec)
+        fn = resolve_reward_func(spec, max_completion_length=max_completion_length)
         seen[fn.name] = seen.get(fn.name, 0) + 1
         if seen[fn.name] > 1:
             fn = RewardFunction(f"{fn.name}_{seen[fn.name]}", fn.func)
@@ -64,7 +80,7 @@ def load_reward_funcs(specs: Any) -> list[RewardFunction]:
     return funcs
 
 
-def resolve_reward_func(spec: Any) -> RewardFunction:
+def resolve_reward_func(spec: Any, *, max_completion_length: int | None = None) -> RewardFunction:
     if isinstance(spec, RewardFunction):
         return spec
     if callable(spec):
@@ -75,11 +91,17 @@ def resolve_reward_func(spec: Any) -> RewardFunction:
     if ":" not in spec:
         if spec in REGISTRY:
             return RewardFunction(spec, REGISTRY[spec])
+        if spec in CONFIGURED:
+            if max_completion_length is None:
+                raise ValueError(f"reward function {spec!r} by name takes its length from max_completion_length, "
+                                 f"which was not given; build it yourself, e.g. {spec}(max_length, cache_length)")
+            return RewardFunction(spec, CONFIGURED[spec](max_completion_length))
         from grpokit.config import closest
 
-        hint = closest(spec, list(REGISTRY))
+        names = [*REGISTRY, *CONFIGURED]
+        hint = closest(spec, names)
         raise ValueError(f"unknown reward function {spec!r}" + (f"; did you mean {hint!r}?" if hint else "")
-                         + f" (built-ins: {', '.join(REGISTRY)}; or give 'module:function' / 'file.py:function')")
+                         + f" (built-ins: {', '.join(names)}; or give 'module:function' / 'file.py:function')")
     where, _, attr = spec.rpartition(":")
     module = _import_file(where, spec) if where.endswith(".py") or "/" in where else _import_module(where, spec)
     if not hasattr(module, attr):

@@ -1,5 +1,8 @@
 """Built-in reward functions, selectable by name (``reward_funcs: [char_match]`` in a YAML config).
 
+``REGISTRY`` holds the plain functions; ``CONFIGURED`` those built from the config by name (``soft_overlong``
+takes its L_max from ``max_completion_length``). The reasoning rewards live in ``grpokit.rewards.reasoning``.
+
 Each follows TRL's contract ``f(prompts, completions, completion_ids, **columns) -> list[float | None]``; a
 completion is a string (string prompts) or ``[{"role": "assistant", "content": text}]`` (chat prompts).
 """
@@ -37,8 +40,18 @@ def contains_answer(prompts, completions, completion_ids=None, *, answer, **_) -
     return [float(str(a) in completion_text(c)) for c, a in zip(completions, answer)]
 
 
+# reasoning rewards; imported here, below completion_text, which they use
+from grpokit.rewards.reasoning import accuracy, soft_overlong, think_format  # noqa: E402
+
 REGISTRY: dict[str, Callable] = {
     "char_match": char_match,
     "exact_match": exact_match,
     "contains_answer": contains_answer,
+    "accuracy": accuracy,
+    "think_format": think_format,
+}
+
+# built-ins whose parameters come from the run's config: name -> factory(max_completion_length) -> reward function
+CONFIGURED: dict[str, Callable[[int], Callable]] = {
+    "soft_overlong": soft_overlong.from_config,
 }

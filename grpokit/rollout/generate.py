@@ -152,8 +152,11 @@ def generate(
 ) -> Rollout:
     """Sample one completion per prompt (token id lists; repeat a prompt G times for a group) -> ``Rollout``.
 
-    The model is put in eval mode while sampling and given back in the mode it came in.
+    The model is put in eval mode while sampling and given back in the mode it came in. A peft model samples
+    through the Hugging Face model it wraps (LoRA layers included), which the lean decoder understands.
     """
+    if hasattr(model, "get_base_model"):  # peft.PeftModel
+        model = model.get_base_model()
     device = next(model.parameters()).device
     prompt_ids, prompt_mask = left_pad(prompts, tokenizer.pad_token_id)  # (B, P)
     prompt_ids, prompt_mask = prompt_ids.to(device), prompt_mask.to(device)
