@@ -347,8 +347,8 @@ def token_kl_exact(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     vocab = weight_p.size(0)
     cdtype = torch.promote_types(_compute_dtype(weight_p.dtype), _compute_dtype(weight_q.dtype))
-    if chunk_size is None:
-        chunk_size = default_chunk_size(vocab, cdtype)
+    if chunk_size is None:  # three (chunk, V) buffers at the peak: half the rows of token_logprobs' default
+        chunk_size = max(1, default_chunk_size(vocab, cdtype) // 2)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     hp = hidden_p.reshape(-1, hidden_p.size(-1))  # (N, Hp)
@@ -357,11 +357,19 @@ def token_kl_exact(
     kl_qp = torch.empty_like(kl_pq)
     for s in range(0, hp.size(0), chunk_size):
         rows = slice(s, s + chunk_size)
-        # logits in the head's dtype (as nn.Linear makes them), then the softmax in the compute dtype
-        logp = torch.log_softmax(F.linear(hp[rows], weight_p, bias_p).to(cdtype) / temperature, dim=-1)  # (n, V)
-        logq = torch.log_softmax(F.linear(hq[rows], weight_q, bias_q).to(cdtype) / temperature, dim=-1)  # (n, V)
-        diff = logp.sub_(logq)  # log p - log q, in logp's buffer
-        kl_pq[rows] = (diff * (logq + diff).exp()).sum(-1)  # p = exp(log q + diff)
-        kl_qp[rows] = -(diff * logq.exp_()).sum(-1)
+        logp = _tempered_log_softmax(hp[rows], weight_p, bias_p, temperature, cdtype)  # (n, V)
+        logq = _tempered_log_softmax(hq[rows], weight_q, bias_q, temperature, cdtype)  # (n, V)
+        d = logq.sub_(logp)  # log q - log p, in logq's buffer
+        kl_pq[rows] = -torch.einsum("nv,nv->n", logp.exp(), d)  # sum_v p (log p - log q)
+        kl_qp[rows] = torch.einsum("nv,nv->n", logp.add_(d).exp_(), d)  # q = exp(log p + d), in logp's buffer
     shape = hidden_p.shape[:-1]
     return kl_pq.view(shape), kl_qp.view(shape)
+
+
+def _tempered_log_softmax(h, weight, bias, temperature, cdtype):
+    """log_softmax((h @ W.T + b) / T) with the logits formed in the head's dtype (as ``nn.Linear``), the softmax
+    in ``cdtype``."""
+    z = F.linear(h, weight, bias).to(cdtype)
+    if temperature != 1.0:
+        z.div_(temperature)
+    return torch.log_softmax(z, dim=-1)

@@ -11,7 +11,16 @@ Keys of a ``metrics.jsonl`` row (rollout statistics repeat on every step their r
     frac_zero_std_groups  share of groups whose G rewards are all equal (advantage 0: no signal)
     loss                  the mini-batch loss (sum of its micro-batch losses)
     entropy               mean per-token entropy of the policy on the loss tokens (tempered distribution)
-    kl                    mean per-token KL estimate to pi_ref (only when beta > 0)
+    kl                    mean per-token KL estimate to pi_ref (only when beta > 0; with kl_in_reward, the
+                          rollout's mean k1 = log pi_theta/pi_ref of its sampled tokens)
+    kl_exact_reverse      exact mean per-token KL(pi_theta||pi_ref) over the whole vocabulary, loss tokens, for
+                          the policy the step starts from (beta > 0 or log_exact_kl; grpokit.reference)
+    kl_exact_forward      the same for KL(pi_ref||pi_theta), whose gradient k3 in the loss follows
+    dynamic_sampling/rounds, dynamic_sampling/dropped_groups  sampling rounds of the rollout and the flat
+                          groups it dropped (dynamic_sampling; grpokit.dynamic_sampling)
+    tis/mean_weight       mean truncated importance weight min(pi_old / pi_sampler, tis_cap) (tis)
+    reward_model/...      on steps with a learned-reward update: new_samples, replayed_samples and
+                          reward_model/<name>/<key> for whatever its update() returned (grpokit.reward_model)
     clip_ratio(_low/_high) share of tokens whose clip is active (low: r < 1-eps with A < 0; high: r > 1+eps, A > 0)
     ratio_mean            mean pi_theta / pi_old over the loss tokens (exactly 1 on a rollout's first step)
     learning_rate         the LR this step used; grad_norm the global norm before clipping
