@@ -91,14 +91,16 @@ class World:
         total = self.all_reduce_sum(torch.tensor(list(values.values()), dtype=torch.float64))
         return dict(zip(values, total.tolist()))
 
-    def weighted_mean(self, values: dict[str, float], weight: float) -> dict[str, float]:
+    def weighted_mean(self, values: dict[str, float], weight: float,
+                      weights: dict[str, float] | None = None) -> dict[str, float]:
         """Means over ``weight`` items (e.g. loss tokens) of this process -> the means over every process's
-        items (exact for token-weighted means)."""
+        items; ``weights`` overrides the item count of some keys (e.g. a mean over completions)."""
         if self.world_size == 1 or not values:
             return values
-        sums = self.sum_floats({**{k: v * weight for k, v in values.items()}, "": float(weight)})
-        total = max(sums.pop(""), 1.0)
-        return {k: v / total for k, v in sums.items()}
+        counts = {k: float((weights or {}).get(k, weight)) for k in values}
+        sums = self.sum_floats({**{k: v * counts[k] for k, v in values.items()},
+                                **{f"count/{k}": c for k, c in counts.items()}})
+        return {k: sums[k] / max(sums[f"count/{k}"], 1.0) for k in values}
 
     def gather_rows(self, x: torch.Tensor) -> torch.Tensor:
         """(n, ...) on every process -> (W * n, ...): rank 0's rows, then rank 1's, ... (same n everywhere)."""

@@ -261,6 +261,9 @@ class GRPOTrainer:
             self._samples = CompletionSamples.of(sampled.prompts, rollout.texts, sampled.scores,
                                                  [f.name for f in self.reward_funcs], batch.advantages,
                                                  batch.completion_mask)
+        # under torchrun, means over every process's loss tokens (sequence-level TIS: its completions)
+        rows = {"tis/mean_weight": float((batch.loss_mask.sum(-1) > 0).sum())} if args.tis == "sequence" else {}
+        extra = self.world.weighted_mean(extra, float(batch.loss_mask.sum()), rows)
         return batch, {**rollout_metrics(scores, self.reward_funcs, lengths, truncated, G), **extra}
 
     def sample_groups(self, num_prompts: int) -> Sampled:
@@ -304,6 +307,7 @@ class GRPOTrainer:
             with self.parallel.full_weights(reference=True):
                 exact = exact_kl_metrics(self.model, self.ref_model, mini, temperature=self.args.temperature,
                                          micro_batch=self.args.micro_batch, chunk_size=self.args.logprob_chunk_size)
+            exact = self.world.weighted_mean(exact, float(mini.loss_mask.sum()))  # torchrun: over all loss tokens
         sums = {"loss": 0.0, "entropy": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio_low": 0.0,
                 "clip_ratio_high": 0.0, "ratio_mean": 0.0}
         tokens = max(int(num_items), 1)

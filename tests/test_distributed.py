@@ -31,6 +31,9 @@ CASES = [
     dict(name="fsdp-grpo", distributed="fsdp", steps_per_rollout=2, num_iterations=2, beta=0.05, micro_batch_size=2,
          max_steps=4),
     dict(name="fsdp-dapo", distributed="fsdp", loss_type="dapo", scale_rewards="batch"),
+    # per-token advantages (KL as a reward-to-go), truncated importance sampling, the exact KL metrics
+    dict(name="kl_in_reward", kl_in_reward=True, beta=0.05, num_iterations=2, tis="token", log_exact_kl=True),
+    dict(name="fsdp-exact-kl", distributed="fsdp", beta=0.05, log_exact_kl=True, tis="sequence"),
 ]
 # real sampling (each process its own generator): a run resumed from the checkpoint of step 1, inside a
 # rollout (S = 2), against the same run uninterrupted
@@ -38,7 +41,7 @@ RESUME = [dict(name=f"{how}-{mode}", distributed=mode, sample=True, steps_per_ro
                **({"resume_from": f"run-straight-{mode}/checkpoint-1"} if how == "resumed" else {}))
           for mode in ("ddp", "fsdp") for how in ("straight", "resumed")]
 METRICS = ("reward", "reward_std", "frac_zero_std_groups", "completion_length", "truncated_ratio", "loss", "entropy",
-           "kl", "clip_ratio", "ratio_mean", "grad_norm")
+           "kl", "clip_ratio", "ratio_mean", "grad_norm", "kl_exact_reverse", "kl_exact_forward", "tis/mean_weight")
 
 
 def torchrun(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
