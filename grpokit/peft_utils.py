@@ -159,7 +159,9 @@ def load_adapted_model(folder: str | Path, *, base: str | None = None, dtype=Non
         raise ValueError(f"{str(folder)!r} does not name its base model (it was trained from an in-memory model); "
                          "give the base model's path with --base")
     model = load_model(str(base), dtype or "auto")  # "auto": the dtype the base was saved in
-    model = PeftModel.from_pretrained(model, str(folder))
+    with warnings.catch_warnings():  # peft asks transformers a deprecated question; nothing for the user
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        model = PeftModel.from_pretrained(model, str(folder))
     return model.merge_and_unload() if merge else model
 
 
