@@ -209,6 +209,10 @@ class GRPOConfig:
     logprob_chunk_size: int | None = None
     """Tokens per chunk when computing log-probs through the LM head (bounds the B*T*V logits memory);
     ``None``: ``grpokit.logprobs``'s default."""
+    padding_free: bool = True
+    """Llama-family models (Llama, Mistral, Qwen2, Qwen3): the training forward computes only real tokens,
+    each group's prompt once (``grpokit.packed``); the same log-probs and gradients up to float rounding.
+    ``False``: the Hugging Face forward over the padded batch. Other models always use the latter."""
 
     # ---- several processes (torchrun; grpokit.distributed) -----------------------------------------------
     distributed: str = "ddp"
@@ -225,6 +229,7 @@ class GRPOConfig:
         if not isinstance(self.device, str) or not DEVICE_RE.match(self.device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
         _check_bool("gradient_checkpointing", self.gradient_checkpointing)
+        _check_bool("padding_free", self.padding_free)
         self.peft = check_peft_section(self.peft)
         if self.peft is not None and (self.log_exact_kl or self.ref_reset_steps or self.ref_sync_steps):
             raise ValueError("peft: pi_ref of a LoRA run is the base model with adapters off; log_exact_kl, "

@@ -237,12 +237,12 @@ class CompletionLogps(torch.nn.Module):
     """``completion_logps`` of ``model`` as a module. DDP and FSDP act through a module's ``forward``, and the
     training forward runs the model's body and LM head directly (no logits), never ``model.forward``."""
 
-    def __init__(self, model: torch.nn.Module):
+    def __init__(self, model: torch.nn.Module, padding_free: bool = True):
         super().__init__()
-        self.model = model
+        self.model, self.padding_free = model, padding_free
 
     def forward(self, *args, **kwargs):
-        out = completion_logps(self.model, *args, **kwargs)
+        out = completion_logps(self.model, *args, padding_free=self.padding_free, **kwargs)
         # FSDP warns on outputs that are views (an in-place op on one would skip its backward hook)
         return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
 
@@ -377,14 +377,17 @@ class Parallel:
             to_dtensors(optimizer)
 
 
-def parallelize(model: torch.nn.Module, ref_model: torch.nn.Module | None, mode: str, world: World) -> Parallel:
+def parallelize(model: torch.nn.Module, ref_model: torch.nn.Module | None, mode: str, world: World,
+                padding_free: bool = True) -> Parallel:
     """Spread the policy and pi_ref over ``world``'s processes (nothing to do for one process). Every process
-    starts from rank 0's weights. Call before building the optimizer (FSDP replaces the parameters)."""
+    starts from rank 0's weights. Call before building the optimizer (FSDP replaces the parameters).
+    ``padding_free``: ``completion_logps``'s switch (FSDP-sharded models always take the padded forward)."""
     if mode not in MODES:
         raise ValueError(f"distributed must be one of {', '.join(MODES)}; got {mode!r}")
     if world.world_size == 1:
-        reference = functools.partial(completion_logps, ref_model) if ref_model is not None else None
-        return Parallel(world, "none", functools.partial(completion_logps, model), reference)
+        logps_of = functools.partial(completion_logps, padding_free=padding_free)
+        reference = functools.partial(logps_of, ref_model) if ref_model is not None else None
+        return Parallel(world, "none", functools.partial(logps_of, model), reference)
     models = [m for m in (model, ref_model) if m is not None]
     for m in models:
         if world.device.type == "cuda":
@@ -397,8 +400,9 @@ def parallelize(model: torch.nn.Module, ref_model: torch.nn.Module | None, mode:
         # no buffers change during training (no batch norm): no need to broadcast them every forward
         no_buffer_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
                           inspect.signature(DistributedDataParallel).parameters else {"broadcast_buffers": False})
-        policy = DistributedDataParallel(CompletionLogps(model), device_ids=device_ids, **no_buffer_sync)
-        reference = CompletionLogps(ref_model) if ref_model is not None else None  # a frozen replica
+        policy = DistributedDataParallel(CompletionLogps(model, padding_free), device_ids=device_ids,
+                                         **no_buffer_sync)
+        reference = CompletionLogps(ref_model, padding_free) if ref_model is not None else None  # a frozen replica
         return Parallel(world, mode, policy, reference)
     if hasattr(model, "peft_config"):
         raise ValueError("distributed: fsdp does not support LoRA (peft) policies yet; use distributed: ddp (only the "

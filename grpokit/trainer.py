@@ -119,7 +119,8 @@ class GRPOTrainer:
         self.eos_token_ids = eos_token_ids(self.model, self.tokenizer)
         # log-prob callables of pi_theta / pi_ref, wrapped in DDP or FSDP under torchrun; before the optimizer,
         # since FSDP replaces the parameters by their shards
-        self.parallel = parallelize(self.model, self.ref_model, args.distributed, self.world)
+        self.parallel = parallelize(self.model, self.ref_model, args.distributed, self.world,
+                                    padding_free=args.padding_free)
         if self.ref_model is None and args.beta > 0 and is_peft_model(self.model):  # LoRA: pi_ref = the base
             self.parallel.reference = adapters_disabled(self.model, self.parallel.policy)  # model, no copy
 

@@ -70,6 +70,8 @@ class LlamaFamilyDecoder:
         self.key_ok = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(B, max_new_tokens, dtype=torch.bool)], 1)
         self.positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P), as the training forward uses
         self.next_position = prompt_mask.sum(-1, keepdim=True)  # (B, 1)
+        # per layer, q/k/v and gate/up weights concatenated once per rollout (plain nn.Linear layers only)
+        self.fused = [fused_weights(layer) for layer in body.layers]
         # rotary cos/sin of every position this rollout can reach, computed once (plain RoPE only: the
         # dynamic variants rescale with the sequence length, so they are recomputed per call)
         self.rope_table = None
@@ -85,29 +87,41 @@ class LlamaFamilyDecoder:
 
     def _layers(self, x: torch.Tensor, position_ids: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
         """x (B, n, H) at cache slots [start, start + n) -> last hidden states (B, n, H), final norm applied."""
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         B, n, _ = x.shape
         end = start + n
         cos, sin = self._rope(x, position_ids)
-        for i, layer in enumerate(self.body.layers):
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, n, d): broadcast over heads
+        d = self.head_dim
+        for i, (layer, weights) in enumerate(zip(self.body.layers, self.fused)):
             a = layer.self_attn
             h = rms_norm(layer.input_layernorm, x)
-            q = a.q_proj(h).view(B, n, -1, self.head_dim)  # (B, n, h, d)
-            k = a.k_proj(h).view(B, n, -1, self.head_dim)
+            q, k, v = project(h, (a.q_proj, a.k_proj, a.v_proj), weights.get("qkv"))
+            q, k, v = q.view(B, n, -1, d), k.view(B, n, -1, d), v.view(B, n, -1, d)  # (B, n, heads, d)
             if hasattr(a, "q_norm"):  # Qwen3 normalises q and k per head before rotary
                 q, k = a.q_norm(q), a.k_norm(k)
-            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, h, n, d)
-            v = a.v_proj(h).view(B, n, -1, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            qk = torch.cat([q, k], 2).transpose(1, 2)  # (B, h + kv, n, d)
+            qk = qk * cos + rotate_half(qk) * sin  # rotary, as HF's apply_rotary_pos_emb
+            q, k = qk.split([q.size(2), k.size(2)], dim=1)
             self.keys[i][:, :, start:end] = k
-            self.values[i][:, :, start:end] = v
+            self.values[i][:, :, start:end] = v.transpose(1, 2)
             o = F.scaled_dot_product_attention(q, self.keys[i][:, :, :end], self.values[i][:, :, :end],
                                                attn_mask=mask, scale=self.scaling,
                                                enable_gqa=q.size(1) != k.size(1))  # (B, h, n, d)
             x = x + a.o_proj(o.transpose(1, 2).reshape(B, n, -1))
-            x = x + layer.mlp(rms_norm(layer.post_attention_layernorm, x))
+            h = rms_norm(layer.post_attention_layernorm, x)
+            if "gate_up" in weights:  # the Llama-family MLP down(act(gate(h)) * up(h)), gate and up in one matmul
+                gate, up = project(h, (layer.mlp.gate_proj, layer.mlp.up_proj), weights["gate_up"])
+                x = x + layer.mlp.down_proj(layer.mlp.act_fn(gate) * up)
+            else:
+                x = x + layer.mlp(h)
         return rms_norm(self.body.norm, x)
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop the rows not in ``rows`` (b,) bool from the batch: rows that have finished stop costing."""
+        self.keys = [k[rows] for k in self.keys]
+        self.values = [v[rows] for v in self.values]
+        self.key_ok = self.key_ok[rows]
+        self.next_position = self.next_position[rows]
 
     def prefill(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Runs the prompts; returns the logits (B, V) of the first completion token."""
@@ -126,3 +140,39 @@ class LlamaFamilyDecoder:
         mask = self.key_ok[:, None, None, : slot + 1]  # (B, 1, 1, slot + 1)
         hidden = self._layers(x, self.next_position + t, slot, mask)
         return self.head(hidden[:, -1])
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    """(x1, x2) -> (-x2, x1) over the last dimension's halves: the rotary embedding's partner."""
+    half = x.size(-1) // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def fused_weight(linears) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight, bias)`` of several plain ``nn.Linear`` layers stacked as one, or ``None`` when any is
+    another module (a LoRA layer, a quantised linear) or only some have a bias."""
+    if not all(type(m) is torch.nn.Linear for m in linears):
+        return None
+    has_bias = [m.bias is not None for m in linears]
+    if any(has_bias) and not all(has_bias):
+        return None
+    bias = torch.cat([m.bias for m in linears]) if all(has_bias) else None
+    return torch.cat([m.weight for m in linears]), bias
+
+
+def project(h: torch.Tensor, linears, fused=None) -> list[torch.Tensor]:
+    """``[m(h) for m in linears]``; one matmul when ``fused`` (``fused_weight(linears)``) is given."""
+    if fused is None:
+        return [m(h) for m in linears]
+    return list(F.linear(h, *fused).split([m.out_features for m in linears], dim=-1))
+
+
+def fused_weights(layer: torch.nn.Module) -> dict:
+    """``{"qkv": ..., "gate_up": ...}`` of a decoder layer, for the projections that can be stacked."""
+    a, mlp = layer.self_attn, layer.mlp
+    out = {"qkv": fused_weight((a.q_proj, a.k_proj, a.v_proj))}
+    if all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        out["gate_up"] = fused_weight((mlp.gate_proj, mlp.up_proj))
+        if out["gate_up"] is None:
+            del out["gate_up"]
+    return out

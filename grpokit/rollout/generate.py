@@ -75,11 +75,12 @@ def new_cache(model: torch.nn.Module):
 
 def start_decoding(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int):
     """Runs the prompts; returns the first completion token's logits (B, V) and ``advance(token, t)``, which
-    feeds completion token t (B,) and returns the next logits. Llama-family models take the lean decoder
-    (``fast_decode``); any other model the generic loop over its own KV cache."""
+    feeds completion token t (B,) and returns the next logits, and ``keep(rows)`` (or ``None``), which drops
+    the rows outside ``rows`` (b,) bool from the batch. Llama-family models take the lean decoder
+    (``fast_decode``); any other model the generic loop over its own KV cache, which keeps every row."""
     if fast_decode.supports(model, prompt_ids.size(1) + max_new_tokens):
         decoder = fast_decode.LlamaFamilyDecoder(model, prompt_mask, max_new_tokens)
-        return decoder.prefill(prompt_ids), decoder.step
+        return decoder.prefill(prompt_ids), decoder.step, decoder.keep
 
     B = prompt_ids.size(0)
     cache = {cache_argument(model): new_cache(model)}  # filled in place by every forward below
@@ -93,7 +94,7 @@ def start_decoding(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, m
                     position_ids=state["next_position"] + t, use_cache=True, **cache)
         return out.logits[:, -1]
 
-    return out.logits[:, -1], advance
+    return out.logits[:, -1], advance, None
 
 
 @torch.inference_mode()
@@ -113,28 +114,38 @@ def sample(
     """Sample up to ``max_new_tokens`` tokens per row of a left-padded batch.
 
     Returns ``completion_ids`` (B, C), ``completion_mask`` (B, C), ``is_truncated`` (B,), ``sampling_logps``
-    (B, C). Stops as soon as every row has emitted an EOS; tokens after a row's EOS are the pad id.
+    (B, C). Stops as soon as every row has emitted an EOS; tokens after a row's EOS are the pad id. Once an
+    eighth of the rows still in the batch have finished, the lean decoder drops them (``keep``), so short
+    completions stop costing while long ones go on.
     """
-    B = prompt_ids.size(0)
-    eos = torch.as_tensor(list(eos_token_ids), device=prompt_ids.device)
-    logits, advance = start_decoding(model, prompt_ids, prompt_mask, max_new_tokens)  # (B, V), step function
+    B, device = prompt_ids.size(0), prompt_ids.device
+    eos = torch.as_tensor(list(eos_token_ids), device=device)
+    logits, advance, keep = start_decoding(model, prompt_ids, prompt_mask, max_new_tokens)  # (B, V), steps
 
-    tokens, logps = [], []
-    done = torch.zeros(B, dtype=torch.bool, device=prompt_ids.device)
+    completion_ids = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    sampling_logps = torch.zeros(B, max_new_tokens, dtype=torch.promote_types(logits.dtype, torch.float32),
+                                 device=device)
+    rows = torch.arange(B, device=device)  # the batch's rows among the B (all, until ``keep`` drops some)
+    done = torch.zeros(B, dtype=torch.bool, device=device)  # of the batch's rows
+    length = max_new_tokens
     for step in range(max_new_tokens):
         token, logp = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        token = token.masked_fill(done, pad_token_id)  # (B,)
-        tokens.append(token)
-        logps.append(logp.masked_fill(done, 0.0))
+        token = token.masked_fill(done, pad_token_id)  # (b,)
+        completion_ids[rows, step] = token
+        sampling_logps[rows, step] = logp.masked_fill(done, 0.0).to(sampling_logps.dtype)
         done = done | torch.isin(token, eos)
-        if step == max_new_tokens - 1 or bool(done.all()):
+        finished = int(done.sum())
+        if step == max_new_tokens - 1 or finished == done.numel():
+            length = step + 1
             break
+        if keep is not None and finished * 8 >= done.numel():
+            keep(~done)
+            rows, token, done = rows[~done], token[~done], done[~done]
         logits = advance(token, step)
 
-    completion_ids = torch.stack(tokens, dim=1)  # (B, C)
+    completion_ids, sampling_logps = completion_ids[:, :length], sampling_logps[:, :length]  # (B, C)
     completion_mask = completion_mask_from_eos(completion_ids, eos_token_ids)  # (B, C)
-    is_truncated = ~done  # reached max_new_tokens without EOS
-    sampling_logps = torch.stack(logps, dim=1)  # (B, C)
+    is_truncated = ~torch.isin(completion_ids, eos).any(-1)  # reached max_new_tokens without EOS
     return completion_ids, completion_mask, is_truncated, sampling_logps
 
 

@@ -1,0 +1,129 @@
+"""The packed, prefix-shared training forward (grpokit.packed) against the Hugging Face forward.
+
+Hugging Face's RMSNorm computes in float32 even for a float64 model, which would hide any difference below
+1e-7; the ``exact_norms`` fixture makes every supported family's norm compute in the input dtype, so that the
+two forwards can be held to float64 rounding (1e-12)."""
+
+import pytest
+import torch
+
+from grpokit import packed
+from grpokit.batch import completion_logps
+from grpokit.logprobs import hidden_states, lm_head_of, token_logprobs
+from grpokit.rollout import position_ids_from_mask
+from tests.test_fast_decode import tiny
+
+FAMILIES = [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("mistral", {}), ("qwen2", {}), ("qwen3", {})]
+
+
+@pytest.fixture
+def exact_norms(monkeypatch):
+    from transformers.models.llama import modeling_llama
+    from transformers.models.mistral import modeling_mistral
+    from transformers.models.qwen2 import modeling_qwen2
+    from transformers.models.qwen3 import modeling_qwen3
+
+    def forward(self, x):
+        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    for cls in (modeling_llama.LlamaRMSNorm, modeling_mistral.MistralRMSNorm, modeling_qwen2.Qwen2RMSNorm,
+                modeling_qwen3.Qwen3RMSNorm):
+        monkeypatch.setattr(cls, "forward", forward)
+
+
+def grpo_batch(vocab: int = 37, seed: int = 1):
+    """Five rows: two groups of two sharing a prompt (one left-padded to a single token), one row alone;
+    completions of 1 to 4 tokens, right-padded."""
+    g = torch.Generator().manual_seed(seed)
+    prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1], [0, 0, 0, 0, 1]])
+    prompt_ids = torch.randint(1, vocab, (5, 5), generator=g) * prompt_mask
+    prompt_ids[1], prompt_ids[4] = prompt_ids[0], prompt_ids[3]
+    completion_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]])
+    completion_ids = torch.randint(1, vocab, (5, 4), generator=g) * completion_mask
+    return prompt_ids, prompt_mask, completion_ids, completion_mask
+
+
+def hugging_face_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, temperature):
+    ids, mask = torch.cat([prompt_ids, completion_ids], 1), torch.cat([prompt_mask, completion_mask], 1)
+    hidden = hidden_states(model, ids, mask, position_ids=position_ids_from_mask(mask))[:, prompt_ids.size(1) - 1:-1]
+    weight, bias = lm_head_of(model)
+    return token_logprobs(hidden, weight, completion_ids, temperature=temperature, bias=bias, return_entropy=True)
+
+
+def values_and_grads(model, fn, mask):
+    model.zero_grad()
+    logps, entropy = fn()
+    ((logps * mask).sum() + 0.3 * (entropy * mask).sum()).backward()  # entropy's gradient checked too
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return logps * mask, entropy * mask, grads
+
+
+@pytest.mark.parametrize("family,extra", FAMILIES)
+def test_logps_entropy_and_gradients_equal_the_hugging_face_forward(family, extra, exact_norms):
+    model = tiny(family, **extra).double().train()
+    batch = grpo_batch()
+    mask = batch[3]
+    assert packed.supports(model, 9)
+    got = values_and_grads(model, lambda: completion_logps(model, *batch, temperature=0.7, return_entropy=True), mask)
+    want = values_and_grads(model, lambda: hugging_face_logps(model, *batch, 0.7), mask)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(got[1], want[1], rtol=0, atol=1e-12)
+    assert got[2].keys() == want[2].keys()
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], rtol=0, atol=1e-12, msg=name)
+
+
+def test_float32_matches_too():
+    model = tiny("qwen2").train()  # qkv biases; HF's own float32 norms
+    batch = grpo_batch()
+    got = completion_logps(model, *batch) * batch[3]
+    want = hugging_face_logps(model, *batch, 1.0)[0] * batch[3]
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_padded_slots_are_zero_and_shared_prompts_are_computed_once():
+    prompt_ids, prompt_mask, completion_ids, completion_mask = grpo_batch()
+    layout = packed.Layout.of(prompt_ids, prompt_mask, completion_mask)
+    # unique prompt tokens 3 + 5 + 1, plus the 4 + 2 + 1 + 3 + 4 real completion tokens
+    assert layout.owned.numel() == 9 + 14
+    model = tiny("llama")
+    logps = completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask)
+    assert (logps[completion_mask == 0] == 0).all() and (logps[completion_mask == 1] < 0).all()
+
+
+def test_lora_layers_are_called_and_get_the_same_gradients(exact_norms):
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(tiny("llama").double(), LoraConfig(r=4, target_modules=["q_proj", "v_proj", "up_proj"],
+                                                               lora_dropout=0.0, init_lora_weights=False))
+    model.train()
+    batch = grpo_batch()
+    mask = batch[3]
+    assert packed.supports(model, 9)
+    got = values_and_grads(model, lambda: completion_logps(model, *batch, return_entropy=True), mask)
+    want = values_and_grads(model, lambda: hugging_face_logps(model, *batch, 1.0), mask)
+    assert any("lora" in name for name in want[2])
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], rtol=0, atol=1e-12, msg=name)
+
+
+def test_what_it_does_not_cover_uses_the_hugging_face_forward():
+    import transformers
+
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=20, n_embd=16, n_layer=1, n_head=2))
+    assert not packed.supports(gpt2, 10)
+    checkpointed = tiny("llama")
+    checkpointed.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert not packed.supports(checkpointed, 9)
+    dropout = tiny("llama", attention_dropout=0.1).train()
+    assert not packed.supports(dropout, 9) and packed.supports(dropout.eval(), 9)
+    assert not packed.supports(tiny("mistral", sliding_window=4), 9)
+
+
+def test_the_trainer_makes_the_same_update_with_and_without_padding(tmp_path, exact_norms):
+    from tests.test_modeling import one_update
+
+    _, padded = one_update(tmp_path / "padded", padding_free=False, beta=0.1)
+    _, free = one_update(tmp_path / "free", padding_free=True, beta=0.1)
+    for name in padded:
+        torch.testing.assert_close(free[name], padded[name], rtol=0, atol=1e-12, msg=name)
