@@ -1,8 +1,5 @@
-"""The packed, prefix-shared training forward (grpokit.packed) against the Hugging Face forward.
-
-Hugging Face's RMSNorm computes in float32 even for a float64 model, which would hide any difference below
-1e-7; the ``exact_norms`` fixture makes every supported family's norm compute in the input dtype, so that the
-two forwards can be held to float64 rounding (1e-12)."""
+"""The packed, prefix-shared training forward (grpokit.packed) against the Hugging Face forward, held to
+float64 rounding (1e-12) with the ``exact_norms`` fixture (tests/conftest.py)."""
 
 import pytest
 import torch
@@ -14,21 +11,6 @@ from grpokit.rollout import position_ids_from_mask
 from tests.test_fast_decode import tiny
 
 FAMILIES = [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("mistral", {}), ("qwen2", {}), ("qwen3", {})]
-
-
-@pytest.fixture
-def exact_norms(monkeypatch):
-    from transformers.models.llama import modeling_llama
-    from transformers.models.mistral import modeling_mistral
-    from transformers.models.qwen2 import modeling_qwen2
-    from transformers.models.qwen3 import modeling_qwen3
-
-    def forward(self, x):
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-    for cls in (modeling_llama.LlamaRMSNorm, modeling_mistral.MistralRMSNorm, modeling_qwen2.Qwen2RMSNorm,
-                modeling_qwen3.Qwen3RMSNorm):
-        monkeypatch.setattr(cls, "forward", forward)
 
 
 def grpo_batch(vocab: int = 37, seed: int = 1):

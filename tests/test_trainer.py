@@ -54,7 +54,7 @@ def test_reward_rises_on_a_small_task(tmp_path):
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo"])
-def test_micro_batch_size_does_not_change_the_update(tmp_path, loss_type):
+def test_micro_batch_size_does_not_change_the_update(tmp_path, loss_type, exact_norms):
     """One optimizer step (grad clipping on, mu = 2 so the ratio is live) with micro-batches of 8, 2 and 1
     rows gives the same parameters as the whole 8-row mini-batch, in float64 to ~1e-13."""
     results = []
