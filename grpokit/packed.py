@@ -23,7 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from grpokit.rollout import fast_decode
 
@@ -56,7 +55,8 @@ class Layout:
     ``owned``: (T,) flat padded positions computed by the packed tensor (leaders' prompts, every real
     completion token), in row-major order. ``source``: (N * L,) packed index each padded position reads its
     keys and values from (left padding and a padded completion slot read index 0: masked out, never used).
-    ``mask``: (N, 1, L, L) bool attention mask. ``positions``: (T,) rotary positions of the packed tokens."""
+    ``mask``: (N, 1, L, L) bool attention mask. ``positions``: (T,) rotary positions of the packed tokens.
+    Each row's last completion token is neither computed nor attended to: nothing depends on it."""
 
     owned: torch.Tensor
     source: torch.Tensor
@@ -73,6 +73,12 @@ class Layout:
         same = torch.zeros(N, dtype=torch.bool, device=device)  # row n repeats row n - 1's prompt
         same[1:] = (prompt_ids[1:] == prompt_ids[:-1]).all(1) & (prompt_mask[1:] == prompt_mask[:-1]).all(1)
         leader = torch.where(same, 0, rows).cummax(0).values  # (N,) first row of each run of equal prompts
+        # a row's last token feeds nothing: no later query sees it and it predicts no token. Leaving it out (of
+        # the packed tokens, and of the keys) changes no output.
+        columns = torch.arange(1, completion_mask.size(1) + 1, device=device)
+        last = (completion_mask.bool() * columns).amax(-1) - 1  # (N,) column of the last real token, -1: none
+        ends = rows[last >= 0]
+        attention[ends, P + last[ends]] = False
         owned = attention.clone()
         owned[:, :P] &= (leader == rows)[:, None]
         owned = owned.view(-1).nonzero().squeeze(1)  # (T,)
@@ -103,6 +109,7 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
     cos, sin = body.rotary_emb(x[None], layout.positions[None])  # (1, T, d) each
     cos, sin = cos[0, :, None], sin[0, :, None]  # (T, 1, d): broadcast over heads
     num_heads, num_kv = config.num_attention_heads, config.num_key_value_heads
+    mask = fast_decode.attention_mask(layout.mask, x.dtype, L)
     for layer in body.layers:
         a = layer.self_attn
         d = a.head_dim
@@ -116,8 +123,7 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
         qkv = torch.cat([qk, v], 1).index_select(0, layout.source)  # (N * L, heads + 2 kv, d)
         qkv = qkv.view(N, L, -1, d).transpose(1, 2)  # (N, heads + 2 kv, L, d)
         q, k, v = qkv.split([num_heads, num_kv, num_kv], dim=1)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask, scale=a.scaling,
-                                           enable_gqa=num_heads != num_kv)  # (N, heads, L, d)
+        o = fast_decode.attention(q, k, v, mask, a.scaling)  # (N, heads, L, d)
         o = o.transpose(1, 2).reshape(N * L, -1).index_select(0, layout.owned)  # (T, heads * d)
         x = x + a.o_proj(o)
         x = x + mlp(layer.mlp, fast_decode.rms_norm(layer.post_attention_layernorm, x))
