@@ -166,7 +166,9 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 3, figsize=(14, 6.5), sharex=True)
+    # fixed margins: tight_layout would render the figure once more just to measure its labels
+    fig, axes = plt.subplots(2, 3, figsize=(14, 6.5), sharex=True,
+                             gridspec_kw=dict(left=0.04, right=0.99, bottom=0.08, top=0.95, wspace=0.18, hspace=0.25))
     for ax, name in zip(axes.flat, PLOTTED):
         drawn = False
         for label, rows in runs.items():
@@ -199,7 +201,6 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], path: str | Path) -> None:
         ax.set_xlabel("step")
     axes[0][-1].set_xlabel("step")  # the panel above the legend shows its own step ticks
     axes[0][-1].xaxis.set_tick_params(labelbottom=True)
-    fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
