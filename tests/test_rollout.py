@@ -71,6 +71,28 @@ def test_sampling_logps_equal_training_logps(model, tokenizer, temperature):
     torch.testing.assert_close(logps[m], r.sampling_logps[m], rtol=1e-9, atol=1e-9)
 
 
+def test_finished_rows_leave_the_batch_and_every_row_is_still_scored_right(model, tokenizer, monkeypatch):
+    """With 64 rows and 40 tokens, enough rows end early that the decoder drops them (``keep``); the kept rows'
+    later tokens, the dropped rows' padding and every sampling log-prob stay right."""
+    from grpokit.rollout import fast_decode
+
+    kept = []
+    keep = fast_decode.LlamaFamilyDecoder.keep
+    monkeypatch.setattr(fast_decode.LlamaFamilyDecoder, "keep", lambda self, rows: kept.append(int(rows.sum())) or
+                        keep(self, rows))
+    prompts = [encode_prompt(tokenizer, p) for p in ["ab", "a much longer prompt", "x", "yz"] for _ in range(16)]
+    r = generate(model, tokenizer, prompts, max_new_tokens=40, eos_token_ids=[EOS],
+                 generator=torch.Generator().manual_seed(3))
+    assert kept and kept == sorted(kept, reverse=True) and kept[-1] < 64  # the batch shrank, step by step
+    ended = torch.isin(r.completion_ids, torch.tensor([EOS])).any(-1)
+    assert 0 < int(ended.sum()) < 64 and torch.equal(r.is_truncated, ~ended)
+    assert (r.completion_ids[r.completion_mask == 0] == PAD).all()
+    logps = completion_logps(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    m = r.completion_mask.bool()
+    torch.testing.assert_close(logps[m], r.sampling_logps[m], rtol=1e-9, atol=1e-9)
+    assert (r.sampling_logps[~m] == 0).all()
+
+
 def test_same_seed_same_rollout(model, tokenizer):
     run = lambda: generate(model, tokenizer, _prompts(tokenizer), max_new_tokens=8, eos_token_ids=[EOS],
                            generator=torch.Generator().manual_seed(7))
