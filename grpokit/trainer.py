@@ -61,6 +61,7 @@ from grpokit.reference import exact_kl_metrics, sync_alpha, sync_reference
 from grpokit.reward_model import RewardModelUpdates, learned_rewards
 from grpokit.rewards import Scores, load_reward_funcs, score
 from grpokit.rollout import generate
+from grpokit.rollout.generate import token_lists
 from grpokit.run_dir import begin_run, check_output_dir, resume_point
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -284,7 +285,7 @@ class GRPOTrainer:
         prompts = [ex["prompt"] for ex in examples for _ in range(G)]
         completions = [[{"role": "assistant", "content": text}] if is_chat(p) else text
                        for p, text in zip(prompts, rollout.texts)]
-        completion_ids = [ids[m.bool()].tolist() for ids, m in zip(rollout.completion_ids, rollout.completion_mask)]
+        completion_ids = token_lists(rollout.completion_ids, rollout.completion_mask)
         columns = {c: [ex[c] for ex in examples for _ in range(G)] for c in self.columns}
         if args.process_supervision:
             scores = score_steps(self.reward_funcs, args.reward_weights, prompts, completions, completion_ids, columns,

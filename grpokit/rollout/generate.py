@@ -50,6 +50,12 @@ def position_ids_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
+def token_lists(completion_ids: torch.Tensor, completion_mask: torch.Tensor) -> list[list[int]]:
+    """(B, C) ids and their (B, C) mask, 1 through the first EOS (a prefix of each row) -> B lists of ids."""
+    lengths = completion_mask.sum(-1).tolist()
+    return [row[:n] for row, n in zip(completion_ids.tolist(), lengths)]
+
+
 def completion_mask_from_eos(completion_ids: torch.Tensor, eos_token_ids: Sequence[int]) -> torch.Tensor:
     """(B, C) -> (B, C) long mask, 1 through the first EOS of each row (every token when there is none)."""
     is_eos = torch.isin(completion_ids, torch.as_tensor(list(eos_token_ids), device=completion_ids.device))
@@ -184,7 +190,7 @@ def generate(
     # inference-mode tensors cannot enter autograd later: clone them into normal ones
     completion_ids, completion_mask = completion_ids.clone(), completion_mask.clone()
     is_truncated, sampling_logps = is_truncated.clone(), sampling_logps.clone()
-    kept = [row[m.bool()].tolist() for row, m in zip(completion_ids.cpu(), completion_mask.cpu())]
+    kept = token_lists(completion_ids, completion_mask)
     texts = tokenizer.batch_decode(kept, skip_special_tokens=True)
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                    completion_mask=completion_mask, is_truncated=is_truncated, sampling_logps=sampling_logps,
