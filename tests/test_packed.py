@@ -55,12 +55,13 @@ def test_logps_entropy_and_gradients_equal_the_hugging_face_forward(family, extr
         torch.testing.assert_close(got[2][name], want[2][name], rtol=0, atol=1e-12, msg=name)
 
 
-def test_float32_matches_too():
-    model = tiny("qwen2").train()  # qkv biases; HF's own float32 norms
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_float32_and_bfloat16_match_too(dtype, atol):
+    model = tiny("qwen2").to(dtype).train()  # qkv biases; HF's own norms
     batch = grpo_batch()
     got = completion_logps(model, *batch) * batch[3]
     want = hugging_face_logps(model, *batch, 1.0)[0] * batch[3]
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    torch.testing.assert_close(got, want, rtol=0, atol=atol)
 
 
 def test_padded_slots_are_zero_and_shared_prompts_are_computed_once():

@@ -230,8 +230,8 @@ wins (79 ms against 139 ms). GPUs always take the fused kernel."""
 def attention_mask(mask: torch.Tensor, dtype: torch.dtype, keys: int) -> torch.Tensor:
     """The mask ``attention`` wants: boolean for the fused kernel, an additive 0 / -inf float mask for the plain
     ops (built once per forward and shared by every layer)."""
-    if mask.device.type != "cpu" or keys > SHORT_ATTENTION:
-        return mask
+    if mask.device.type != "cpu" or keys > SHORT_ATTENTION or dtype not in (torch.float32, torch.float64):
+        return mask  # bf16 / fp16: the fused kernel accumulates the softmax in float32, plain ops would not
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
