@@ -3,10 +3,12 @@
 Sampling calls the model once per token. For the small models GRPO is often taught and tested on, the
 Python machinery around each Hugging Face forward (cache objects, mask builders, output records, decorators)
 costs more than the arithmetic. ``LlamaFamilyDecoder`` runs the same computation from the model's own modules
-and weights — its norms, MLPs, rotary embedding and projections — with a pre-allocated KV cache and one
-boolean attention mask, and nothing else. It is used only under ``torch.inference_mode`` for sampling; the
-training forward (and every log-prob that enters the loss) still goes through the Hugging Face model, so a
-difference in the last float bit changes which token is drawn, never what the loss scores.
+and weights — its norms, MLPs, rotary embedding and projections — with a pre-allocated KV cache, one
+attention mask, and nothing else. Per rollout, q/k/v and gate/up are stacked into one weight each and, on a
+CPU in float32, reordered for oneDNN (``Stacked``); rows that have finished leave the batch (``keep``). It is
+used only under ``torch.inference_mode`` for sampling; every log-prob that enters the loss comes from the
+training forward (``grpokit.packed`` or the Hugging Face model), so a difference in the last float bit
+changes which token is drawn, never what the loss scores.
 
 ``tests/test_fast_decode.py`` checks its logits against the Hugging Face forward for every supported family,
 with left padding, to 1e-5. Any model it does not recognise falls back to the generic cache loop.
