@@ -131,22 +131,25 @@ def sample(
     completion_ids = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     sampling_logps = torch.zeros(B, max_new_tokens, dtype=torch.promote_types(logits.dtype, torch.float32),
                                  device=device)
-    rows = torch.arange(B, device=device)  # the batch's rows among the B (all, until ``keep`` drops some)
+    rows = None  # the batch's rows among the B: all of them (None) until ``keep`` drops some
     done = torch.zeros(B, dtype=torch.bool, device=device)  # of the batch's rows
-    length = max_new_tokens
+    finished, length = 0, max_new_tokens
     for step in range(max_new_tokens):
         token, logp = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        token = token.masked_fill(done, pad_token_id)  # (b,)
-        completion_ids[rows, step] = token
-        sampling_logps[rows, step] = logp.masked_fill(done, 0.0).to(sampling_logps.dtype)
-        done = done | torch.isin(token, eos)
+        if finished:  # rows past their EOS get padding
+            token, logp = token.masked_fill(done, pad_token_id), logp.masked_fill(done, 0.0)  # (b,)
+        where = slice(None) if rows is None else rows
+        completion_ids[where, step] = token
+        sampling_logps[where, step] = logp.to(sampling_logps.dtype)
+        done = done | (token == eos[0] if eos.numel() == 1 else torch.isin(token, eos))
         finished = int(done.sum())
         if step == max_new_tokens - 1 or finished == done.numel():
             length = step + 1
             break
         if keep is not None and finished * 8 >= done.numel():
             keep(~done)
-            rows, token, done = rows[~done], token[~done], done[~done]
+            rows = (torch.arange(B, device=device) if rows is None else rows)[~done]
+            token, done, finished = token[~done], done[~done], 0
         logits = advance(token, step)
 
     completion_ids, sampling_logps = completion_ids[:, :length], sampling_logps[:, :length]  # (B, C)
