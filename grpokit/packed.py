@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpokit.rollout import fast_decode
+from grpokit.rollout import fast_decode, position_ids_from_mask
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -89,7 +89,7 @@ class Layout:
         causal = torch.ones(L, L, dtype=torch.bool, device=device).tril()
         # a padded query keeps its diagonal so that its softmax stays finite; its output is never read
         mask = (causal & attention[:, None, None, :]) | torch.eye(L, dtype=torch.bool, device=device)
-        positions = ((attention.cumsum(-1) - 1).clamp(min=0)).view(-1)[owned]  # as position_ids_from_mask
+        positions = position_ids_from_mask(attention).view(-1)[owned]  # as when sampling
         return cls(owned=owned, source=index.view(-1), mask=mask, positions=positions)
 
 
@@ -141,7 +141,7 @@ def project(h: torch.Tensor, linears) -> list[torch.Tensor]:
 
 def mlp(module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     """The Llama-family MLP ``down(act(gate(h)) * up(h))`` with gate and up as one matmul; others are called."""
-    if not all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+    if not fast_decode.is_gated_mlp(module):
         return module(h)
     gate, up = project(h, (module.gate_proj, module.up_proj))
     return module.down_proj(module.act_fn(gate) * up)

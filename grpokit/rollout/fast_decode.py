@@ -202,13 +202,15 @@ class Stacked:
                 self.onednn = None
 
     def __call__(self, h: torch.Tensor) -> list[torch.Tensor]:
-        if self.weight is None:
-            return [m(h) for m in self.linears]
-        if self.onednn is not None:
-            out = torch.ops.mkldnn._linear_pointwise(h, self.onednn, self.bias, "none", [], "")
-        else:
-            out = F.linear(h, self.weight, self.bias)
-        return list(out.split(self.sizes, dim=-1)) if len(self.sizes) > 1 else [out]
+        if self.onednn is None:
+            return project(h, self.linears, None if self.weight is None else (self.weight, self.bias))
+        out = torch.ops.mkldnn._linear_pointwise(h, self.onednn, self.bias, "none", [], "")
+        return list(out.split(self.sizes, dim=-1))
+
+
+def is_gated_mlp(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is the Llama-family MLP ``down_proj(act_fn(gate_proj(h)) * up_proj(h))``."""
+    return all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj", "act_fn"))
 
 
 def prepared_layer(layer: torch.nn.Module, batch_size: int) -> dict:
@@ -216,7 +218,7 @@ def prepared_layer(layer: torch.nn.Module, batch_size: int) -> dict:
     and ``down``."""
     a, mlp = layer.self_attn, layer.mlp
     out = {"qkv": Stacked((a.q_proj, a.k_proj, a.v_proj), batch_size), "o": Stacked((a.o_proj,), batch_size)}
-    if all(hasattr(mlp, p) for p in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+    if is_gated_mlp(mlp):
         out["gate_up"] = Stacked((mlp.gate_proj, mlp.up_proj), batch_size)
         out["down"] = Stacked((mlp.down_proj,), batch_size)
     return out
