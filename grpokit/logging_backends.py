@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from grpokit.metrics import write_rows_atomically
+from grpokit.metrics import read_metrics, write_rows_atomically
 
 SAMPLES_FILE = "samples.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -143,7 +143,7 @@ class Reporter:
         records = samples.records(step)
         path = self.output_dir / SAMPLES_FILE
         if not self.samples_started:  # fresh: start empty; resumed: keep the rows up to the checkpoint
-            kept = [r for r in read_samples(path) if r.get("step", 0) <= self.start_step] if self.start_step else []
+            kept = read_samples(path, upto_step=self.start_step) if self.start_step else []
             write_rows_atomically(path, kept)
             self.samples_started = True
         with path.open("a") as f:
@@ -156,18 +156,10 @@ class Reporter:
             self.writer = None
 
 
-def read_samples(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``samples.jsonl``; a torn last line (a crash while writing) is dropped."""
-    path = Path(path)
-    rows = []
-    if not path.is_file():
-        return rows
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-    return rows
+def read_samples(path: str | Path, upto_step: int | None = None) -> list[dict[str, Any]]:
+    """Rows of a ``samples.jsonl`` (those with ``step <= upto_step`` when given): the format of
+    ``metrics.jsonl``, read by the same code, so a torn last line (a crash while writing) is dropped."""
+    return read_metrics(path, upto_step)
 
 
 def _number(x: torch.Tensor) -> float | None:
