@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from grpokit.cli import main, parse_overrides
-from grpokit.demo import char_tokenizer, tiny_model
+from tests.helpers import save_tiny_model
 
 REWARD_FILE = """
 def has_a(prompts, completions, completion_ids, answer, **kwargs):
@@ -21,10 +21,7 @@ def broken(prompts, completions, **kwargs):
 
 @pytest.fixture()
 def run_dir(tmp_path):
-    tokenizer = char_tokenizer("abcd")
-    model = tiny_model(tokenizer, hidden_size=32)
-    model.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    save_tiny_model(tmp_path / "model", "abcd")
     (tmp_path / "data.jsonl").write_text("".join(
         json.dumps({"prompt": [{"role": "user", "content": c}], "answer": c}) + "\n" for c in "abcd"))
     (tmp_path / "rewards.py").write_text(REWARD_FILE)

@@ -6,13 +6,11 @@ import json
 import yaml
 
 from grpokit.cli import main
-from grpokit.demo import char_tokenizer, tiny_model
+from tests.helpers import save_tiny_model
 
 
 def test_train_plot_eval_merge_from_the_cli(tmp_path, capsys):
-    tokenizer = char_tokenizer("abcdefghijklmnopqrstuvwxyz<>/ ")
-    tiny_model(tokenizer, hidden_size=16).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    save_tiny_model(tmp_path / "model", "abcdefghijklmnopqrstuvwxyz<>/ ", hidden_size=16)
     rows = [{"prompt": [{"role": "user", "content": c}], "answer": c, "solution": "1"} for c in "abcd"]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "run"

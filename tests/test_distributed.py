@@ -14,6 +14,7 @@ import grpokit.trainer
 from grpokit import GRPOConfig
 from grpokit.distributed import World, check_batch_shape, init_world, rollout_shard, sampler_seed, shard_prompts
 from tests import distributed_worker
+from tests.helpers import save_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = Path(distributed_worker.__file__)
@@ -173,11 +174,7 @@ def test_cli_under_torchrun_trains_and_only_rank_0_writes(tmp_path):
     one metrics row per step, an HF-loadable model, and resuming on another process count is refused."""
     from transformers import AutoModelForCausalLM
 
-    from grpokit.demo import char_tokenizer, tiny_model
-
-    tokenizer = char_tokenizer()
-    tiny_model(tokenizer, hidden_size=32).save_pretrained(tmp_path / "init")
-    tokenizer.save_pretrained(tmp_path / "init")
+    save_tiny_model(tmp_path / "init")
     rows = [{"prompt": [{"role": "user", "content": c}], "target": c * 3} for c in "abcdef"]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (tmp_path / "run.yaml").write_text(

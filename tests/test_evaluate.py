@@ -7,8 +7,8 @@ import math
 import pytest
 
 from grpokit.cli import main
-from grpokit.demo import char_tokenizer, tiny_model
 from grpokit.evaluate import pass_at_k, reported_ks
+from tests.helpers import save_tiny_model
 
 REWARD_FILE = """
 def by_answer(prompts, completions, answer, **kwargs):
@@ -38,9 +38,7 @@ def test_pass_at_k_rejects_impossible_counts():
 
 
 def test_eval_command_on_a_tiny_model(tmp_path, capsys):
-    tokenizer = char_tokenizer("abcd")
-    tiny_model(tokenizer, hidden_size=16).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    save_tiny_model(tmp_path / "model", "abcd", hidden_size=16)
     rows = [{"prompt": "a", "answer": "yes"},
             {"prompt": "b", "answer": "no"}, {"prompt": "c", "answer": "half"},
             {"prompt": "d", "answer": "unscored"}]  # None from every function: left out

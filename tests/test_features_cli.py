@@ -8,10 +8,10 @@ import pytest
 import yaml
 
 from grpokit.cli import main
-from grpokit.demo import char_tokenizer, tiny_model
 from grpokit.process import score_steps
 from grpokit.rewards import load_reward_funcs
 from grpokit.step_task import counting_task
+from tests.helpers import save_tiny_model
 
 REWARD_MODEL_FILE = """
 class ShareOfA:
@@ -38,9 +38,7 @@ reward_model = ShareOfA()
 
 
 def write_run(tmp_path, **config):
-    tokenizer = char_tokenizer("abcd;")
-    tiny_model(tokenizer, hidden_size=32).save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    save_tiny_model(tmp_path / "model", "abcd;")
     rows = counting_task("abc", count=False, copies=2)
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = {"model": str(tmp_path / "model"), "dataset": str(tmp_path / "data.jsonl"),

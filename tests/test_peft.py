@@ -13,6 +13,7 @@ from grpokit.cli import main
 from grpokit.demo import DEMO_LETTERS, char_tokenizer, letter_task, tiny_model
 from grpokit.peft_utils import add_lora, check_peft_section, is_peft_model
 from grpokit.trainer import GRPOTrainer
+from tests.helpers import save_tiny_model
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
 
@@ -20,11 +21,7 @@ LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj
 @pytest.fixture()
 def base_dir(tmp_path):
     """A tiny model and its tokenizer saved to disk, as a pretrained base would be."""
-    tokenizer = char_tokenizer("abcd")
-    model = tiny_model(tokenizer, hidden_size=32)
-    model.save_pretrained(tmp_path / "base")
-    tokenizer.save_pretrained(tmp_path / "base")
-    return tmp_path / "base"
+    return save_tiny_model(tmp_path / "base", "abcd")
 
 
 def count_a(prompts, completions, **kwargs):
