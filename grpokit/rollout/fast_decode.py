@@ -176,16 +176,17 @@ def project(h: torch.Tensor, linears, fused=None) -> list[torch.Tensor]:
 
 
 ONEDNN_MIN_WEIGHT = 256 * 256
-"""Smaller weights keep ``F.linear``: for a (192, 64) weight oneDNN's per-call overhead outweighs its gain (a
-rollout of the hidden-64 model took 18 ms with it against 14 ms without)."""
+"""Smaller weights keep ``F.linear``: on them oneDNN's per-call overhead outweighs its gain (a rollout of the
+hidden-64 model: 19.0 ms with every weight on oneDNN, 13.9 ms with none; benchmarks/cpu_kernels.py)."""
 
 
 class Stacked:
     """Plain ``nn.Linear`` layers that read the same input, prepared once per rollout as one matmul: weights
     stacked (q/k/v, gate/up), and on a CPU in float32 reordered into oneDNN's blocked layout, which multiplies a
-    batch of 64 rows by a (1024, 256) weight in 0.21 ms against 0.30 ms for ``F.linear`` (2 cores); a rollout of
-    the 6-layer, hidden-256 model took 262 ms with it against 353 ms without. Other
-    modules (LoRA layers, quantised linears) are called one by one. ``__call__(h)`` -> one output per layer."""
+    batch of 64 rows by a (1024, 256) weight in 0.21 ms against 0.46 ms for ``F.linear`` (2 cores, weights not
+    in cache); a rollout of the 6-layer, hidden-256 model took 257 ms with it against 300 ms without
+    (benchmarks/cpu_kernels.py). Other modules (LoRA layers, quantised linears) are called one by one.
+    ``__call__(h)`` -> one output per layer."""
 
     def __init__(self, linears, batch_size: int):
         self.linears, self.sizes = linears, [m.out_features for m in linears]
@@ -225,10 +226,10 @@ def prepared_layer(layer: torch.nn.Module, batch_size: int) -> dict:
 
 
 SHORT_ATTENTION = 128
-"""Up to this many keys, attention on a CPU is three plain ops (scores, softmax, weighted sum): measured on
-2 cores, forward + backward at (64 rows, 4 heads, 36 keys, head size 64) in 3.7 ms against 7.9 ms for the fused
-``scaled_dot_product_attention`` kernel, and 36 ms against 44 ms at 128 keys; at 200 keys the fused kernel
-wins (79 ms against 139 ms). GPUs always take the fused kernel."""
+"""Up to this many keys, attention on a CPU is three plain ops (scores, softmax, weighted sum): on 2 cores,
+forward + backward at (64 rows, 4 heads, 36 keys, head size 64) took 5.1 ms against 7.1 ms for the fused
+``scaled_dot_product_attention`` kernel, and 39.6 ms against 44.8 ms at 128 keys; at 200 keys the fused
+kernel wins (95 ms against 139 ms; benchmarks/cpu_kernels.py). GPUs always take the fused kernel."""
 
 
 def attention_mask(mask: torch.Tensor, dtype: torch.dtype, keys: int) -> torch.Tensor:

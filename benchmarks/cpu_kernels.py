@@ -1,0 +1,168 @@
+"""The CPU choices of grpokit's sampler and training forward, each measured against its alternative.
+
+    python benchmarks/cpu_kernels.py --out benchmarks/results/cpu_kernels.md
+
+1. Attention, forward + backward: plain ops (``fast_decode.attention`` with an additive mask) against
+   ``scaled_dot_product_attention``, at 36, 128 and 200 keys (``SHORT_ATTENTION`` = 128 picks between them).
+2. One (64 rows) x (256 -> 1024) projection: oneDNN's prepacked weight (``Stacked``) against ``F.linear``, with
+   12 different weights in turn, so that they are not all in cache as in a decode step.
+3. A whole rollout (64 completions) with oneDNN weights from ``ONEDNN_MIN_WEIGHT`` up (the default), for no
+   weight, and for every weight, on the 2-layer hidden-64 and the 6-layer hidden-256 models of ``vs_trl.py``.
+4. The optimizer step's forward + backward on one rollout of the medium model: ``padding_free`` on and off.
+
+Each pair alternates in one process; medians of the repeats, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from grpokit.rollout import fast_decode  # noqa: E402
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats * 1e3
+
+
+def alternate(pair: dict, rounds: int, repeats: int) -> dict[str, float]:
+    """Median ms per call of each of ``pair``'s functions, timed in alternation ``rounds`` times."""
+    times = {name: [] for name in pair}
+    for _ in range(rounds):
+        for name, fn in pair.items():
+            times[name].append(timed(fn, repeats))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def attention_pair(keys: int) -> dict:
+    """Forward + backward of 64 rows x 4 heads x ``keys`` keys, head size 64, through each path."""
+    q, k, v = (torch.randn(64, 4, keys, 64, requires_grad=True) for _ in range(3))
+    causal = torch.ones(keys, keys, dtype=torch.bool).tril()[None, None]
+    mask = causal & (torch.rand(64, 1, 1, keys) > 0.1) | torch.eye(keys, dtype=torch.bool)
+    additive = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
+    grad = torch.randn(64, 4, keys, 64)
+    return {"plain ops": lambda: fast_decode.attention(q, k, v, additive, 0.125).backward(grad),
+            "fused kernel": lambda: fast_decode.attention(q, k, v, mask, 0.125).backward(grad)}
+
+
+def attention_rows(rounds: int) -> list[str]:
+    rows = []
+    for keys in (36, 128, 200):
+        ms = alternate(attention_pair(keys), rounds, repeats=max(2, 400 // keys))
+        rows.append(f"| attention fwd+bwd, 64 x 4 heads x {keys} keys | {ms['plain ops']:.2f} (plain ops) | "
+                    f"{ms['fused kernel']:.2f} (fused) | {ms['plain ops'] / ms['fused kernel']:.2f} |")
+    return rows
+
+
+def projection_row(rounds: int) -> str:
+    weights = [torch.randn(1024, 256) for _ in range(12)]
+    h = torch.randn(64, 1, 256)
+    linears = []
+    for w in weights:
+        layer = torch.nn.Linear(256, 1024, bias=False)
+        layer.weight.data = w
+        linears.append(layer)
+    with torch.inference_mode():
+        stacked = [fast_decode.Stacked((layer,), 64) for layer in linears]
+        if stacked[0].onednn is None:
+            return "| 64 x (256 -> 1024) projection | oneDNN ops unavailable in this torch build | | |"
+        pair = {"onednn": lambda: [s(h) for s in stacked], "linear": lambda: [F.linear(h, w) for w in weights]}
+        ms = alternate(pair, rounds, repeats=50)
+    per = {k: v / len(weights) for k, v in ms.items()}
+    return (f"| 64 x (256 -> 1024) projection, 12 weights in turn | {per['onednn']:.3f} (oneDNN) | "
+            f"{per['linear']:.3f} (F.linear) | {per['onednn'] / per['linear']:.2f} |")
+
+
+def rollout_pair(layers: int, hidden: int, length: int) -> dict:
+    """A rollout of 64 completions with oneDNN weights from the default size up, for every weight, and for
+    none (``F.linear`` only); the same seed each time, so the same completion lengths."""
+    from grpokit.demo import char_tokenizer, tiny_model
+
+    generate_module = importlib.import_module("grpokit.rollout.generate")
+    tokenizer = char_tokenizer()
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "c"}], add_generation_prompt=True,
+                                           tokenize=True)
+    prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
+    model = tiny_model(tokenizer, hidden_size=hidden, num_layers=layers)
+    default = fast_decode.ONEDNN_MIN_WEIGHT
+
+    def rollout(minimum: int) -> None:
+        fast_decode.ONEDNN_MIN_WEIGHT = minimum
+        try:
+            generate_module.generate(model, tokenizer, [prompt] * 64, max_new_tokens=length, eos_token_ids=[0],
+                                     generator=torch.Generator().manual_seed(0))
+        finally:
+            fast_decode.ONEDNN_MIN_WEIGHT = default
+
+    return {"default": lambda: rollout(default), "all": lambda: rollout(0), "none": lambda: rollout(2**62)}
+
+
+def rollout_rows(rounds: int) -> list[str]:
+    rows = []
+    for layers, hidden, length in ((2, 64, 12), (6, 256, 32)):
+        ms = alternate(rollout_pair(layers, hidden, length), rounds, repeats=5)
+        rows.append(f"| rollout, {layers} layers, hidden {hidden}, 64 x <= {length} tokens | {ms['default']:.1f} "
+                    f"(oneDNN for weights >= {fast_decode.ONEDNN_MIN_WEIGHT}) | {ms['none']:.1f} (F.linear only); "
+                    f"{ms['all']:.1f} (oneDNN for all) | {ms['default'] / ms['none']:.2f} |")
+    return rows
+
+
+def padding_free_row(rounds: int) -> str:
+    from vs_trl import SCALES, build
+
+    from grpokit import GRPOConfig, GRPOTrainer
+
+    scale = SCALES["medium"]
+    model, tokenizer, data = build(scale)
+    args = GRPOConfig(output_dir=tempfile.mkdtemp(), seed=0, max_steps=1, learning_rate=1e-9, prompts_per_step=8,
+                      num_generations=8, max_completion_length=scale["max_len"], beta=0.0, save_steps=0)
+    trainer = GRPOTrainer(model, "char_match", data, args=args, tokenizer=tokenizer)
+    batch, _ = trainer.rollout()
+    policy = trainer.parallel.policy  # functools.partial(completion_logps, model, padding_free=...)
+
+    def step(padding_free: bool) -> None:
+        policy.keywords["padding_free"] = padding_free
+        trainer.update(batch)
+
+    ms = alternate({"on": lambda: step(True), "off": lambda: step(False)}, rounds, repeats=3)
+    return (f"| optimizer step, medium model, one rollout (64 x <= 32 tokens) | {ms['on']:.0f} (padding_free) | "
+            f"{ms['off']:.0f} (padded HF forward) | {ms['on'] / ms['off']:.2f} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # vs_trl's model builder
+    import platform
+
+    lines = [f"Median of {args.rounds} alternating rounds, {torch.get_num_threads()} threads "
+             f"({platform.processor() or platform.machine()}), torch {torch.__version__}, float32; ms.", "",
+             "| what | grpokit's choice | alternative | ratio |", "|---|---|---|---|"]
+    for part in (attention_rows, lambda r: [projection_row(r)], rollout_rows, lambda r: [padding_free_row(r)]):
+        for row in part(args.rounds):
+            print(row, flush=True)
+            lines.append(row)
+    table = "\n".join(lines)
+    print("\n" + table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
