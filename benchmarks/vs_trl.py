@@ -13,6 +13,8 @@ Scales (the settings the project's issues quote):
     small   2 layers, hidden 64,   200 steps, 8 prompts x 8 completions <= 12 tokens
     medium  6 layers, hidden 256,   30 steps, 8 x 8 <= 32 tokens
     vocab   2 layers, hidden 64, V = 151,936, 10 steps, 8 x 8 <= 32 tokens
+    medium-short (on request) the medium model with completions <= 8 tokens: more of the time is per-call
+            overhead and prompt prefill, less is matmuls over completion tokens
 The task is the demo's ("say <letter> <n> times", graded ``char_match`` reward), lr 3e-3, beta 0, every other
 setting each library's default (grpokit: loss ``grpo``; TRL: ``dapo``; both: AdamW, linear decay, clip 1.0).
 """
@@ -35,6 +37,7 @@ SCALES = {
     "small": dict(layers=2, hidden=64, vocab=None, steps=200, max_len=12),
     "medium": dict(layers=6, hidden=256, vocab=None, steps=30, max_len=32),
     "vocab": dict(layers=2, hidden=64, vocab=151_936, steps=10, max_len=32),
+    "medium-short": dict(layers=6, hidden=256, vocab=None, steps=30, max_len=8),  # not in the default run
 }
 PROMPTS, GENERATIONS, LR, SEED = 8, 8, 3e-3, 0
 

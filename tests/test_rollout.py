@@ -93,6 +93,36 @@ def test_finished_rows_leave_the_batch_and_every_row_is_still_scored_right(model
     assert (r.sampling_logps[~m] == 0).all()
 
 
+def test_distinct_rows():
+    from grpokit.rollout.generate import distinct_rows
+
+    x = torch.tensor([[5, 1, 2], [0, 1, 2], [5, 1, 2], [7, 7, 7], [0, 1, 2]])
+    first, index = distinct_rows(x)
+    assert sorted(first.tolist()) == [0, 1, 3] and torch.equal(x[first][index], x)
+    # left padding with a pad id that is also a real token: the mask keeps the rows apart
+    ids, mask = torch.tensor([[0, 3], [0, 3]]), torch.tensor([[0, 1], [1, 1]])
+    assert distinct_rows(torch.cat([ids, mask], 1))[0].numel() == 2
+
+
+def test_a_shared_prompt_is_run_once_and_every_row_is_scored_right(model, tokenizer, monkeypatch):
+    """A group's G rows share their prompt: the decoder runs each distinct prompt once, then repeats its cache;
+    every row's sampling log-probs still equal the training forward's."""
+    from grpokit.rollout import fast_decode
+
+    rows = []
+    prefill = fast_decode.LlamaFamilyDecoder.prefill
+    monkeypatch.setattr(fast_decode.LlamaFamilyDecoder, "prefill", lambda self, ids: rows.append(ids.size(0)) or
+                        prefill(self, ids))
+    prompts = [encode_prompt(tokenizer, p) for p in ["ab", "a much longer prompt", "x"] for _ in range(4)]
+    r = generate(model, tokenizer, prompts, max_new_tokens=8, eos_token_ids=[EOS],
+                 generator=torch.Generator().manual_seed(5))
+    assert rows == [3]
+    assert len(set(map(tuple, r.completion_ids.tolist()))) > 3  # a group's rows still differ
+    logps = completion_logps(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask)
+    m = r.completion_mask.bool()
+    torch.testing.assert_close(logps[m], r.sampling_logps[m], rtol=1e-9, atol=1e-9)
+
+
 def test_same_seed_same_rollout(model, tokenizer):
     run = lambda: generate(model, tokenizer, _prompts(tokenizer), max_new_tokens=8, eos_token_ids=[EOS],
                            generator=torch.Generator().manual_seed(7))

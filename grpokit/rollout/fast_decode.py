@@ -122,14 +122,17 @@ class LlamaFamilyDecoder:
         self.filled = end
         return rms_norm(self.body.norm, x)
 
+    def select(self, index: torch.Tensor) -> None:
+        """The batch becomes its rows ``index`` (b,) long, in that order: a row may be dropped or repeated."""
+        cache = self.cache.new_empty(self.cache.shape[:2] + (index.numel(),) + self.cache.shape[3:])
+        cache[..., :self.filled, :] = self.cache[:, :, index, :, :self.filled]  # the slots written so far
+        self.cache = cache
+        self.key_ok = self.key_ok[index]
+        self.next_position = self.next_position[index]
+
     def keep(self, rows: torch.Tensor) -> None:
         """Drop the rows not in ``rows`` (b,) bool from the batch: rows that have finished stop costing."""
-        kept = rows.nonzero().squeeze(1)
-        cache = self.cache.new_empty(self.cache.shape[:2] + (kept.numel(),) + self.cache.shape[3:])
-        cache[..., :self.filled, :] = self.cache[:, :, kept, :, :self.filled]  # the slots written so far
-        self.cache = cache
-        self.key_ok = self.key_ok[rows]
-        self.next_position = self.next_position[rows]
+        self.select(rows.nonzero().squeeze(1))
 
     def prefill(self, prompt_ids: torch.Tensor) -> torch.Tensor:
         """Runs the prompts; returns the logits (B, V) of the first completion token."""

@@ -79,14 +79,30 @@ def new_cache(model: torch.nn.Module):
         return DynamicCache()
 
 
+def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For x (B, n): ``first`` (U,), the first row of each distinct row value, and ``index`` (B,), which gives
+    x == x[first][index]."""
+    _, inverse = torch.unique(x, dim=0, return_inverse=True)  # (B,) into the U sorted distinct rows
+    rows = torch.arange(x.size(0), device=x.device)
+    first = torch.full((int(inverse.max()) + 1,), x.size(0), device=x.device).scatter_reduce_(
+        0, inverse, rows, reduce="amin")  # (U,)
+    return first, inverse
+
+
 def start_decoding(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int):
     """Runs the prompts; returns the first completion token's logits (B, V) and ``advance(token, t)``, which
     feeds completion token t (B,) and returns the next logits, and ``keep(rows)`` (or ``None``), which drops
     the rows outside ``rows`` (b,) bool from the batch. Llama-family models take the lean decoder
     (``fast_decode``); any other model the generic loop over its own KV cache, which keeps every row."""
     if fast_decode.supports(model, prompt_ids.size(1) + max_new_tokens):
-        decoder = fast_decode.LlamaFamilyDecoder(model, prompt_mask, max_new_tokens)
-        return decoder.prefill(prompt_ids), decoder.step, decoder.keep
+        # a group's G rows share one prompt: each distinct prompt is run once, then its cache and logits repeated
+        first, index = distinct_rows(torch.cat([prompt_ids, prompt_mask], 1))  # (U,), (B,)
+        decoder = fast_decode.LlamaFamilyDecoder(model, prompt_mask[first], max_new_tokens)
+        logits = decoder.prefill(prompt_ids[first])  # (U, V)
+        if first.numel() < prompt_ids.size(0):
+            decoder.select(index)
+            logits = logits[index]
+        return logits, decoder.step, decoder.keep
 
     B = prompt_ids.size(0)
     cache = {cache_argument(model): new_cache(model)}  # filled in place by every forward below
