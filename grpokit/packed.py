@@ -107,7 +107,7 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
     ids = torch.cat([prompt_ids, completion_ids], 1).view(-1)[layout.owned]  # (T,)
     x = body.embed_tokens(ids)  # (T, H)
     cos, sin = body.rotary_emb(x[None], layout.positions[None])  # (1, T, d) each
-    cos, sin = cos[0, :, None], sin[0, :, None]  # (T, 1, d): broadcast over heads
+    cos, sin = cos[0, :, None], fast_decode.signed_sin(sin[0, :, None])  # (T, 1, d): broadcast over heads
     num_heads, num_kv = config.num_attention_heads, config.num_key_value_heads
     mask = fast_decode.attention_mask(layout.mask, x.dtype, L)
     for layer in body.layers:
@@ -119,7 +119,7 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
         if hasattr(a, "q_norm"):  # Qwen3 normalises q and k per head before rotary
             q, k = a.q_norm(q), a.k_norm(k)
         qk = torch.cat([q, k], 1)
-        qk = qk * cos + fast_decode.rotate_half(qk) * sin  # rotary, as HF's apply_rotary_pos_emb
+        qk = fast_decode.rotary(qk, cos, sin)  # as HF's apply_rotary_pos_emb
         qkv = torch.cat([qk, v], 1).index_select(0, layout.source)  # (N * L, heads + 2 kv, d)
         qkv = qkv.view(N, L, -1, d).transpose(1, 2)  # (N, heads + 2 kv, L, d)
         q, k, v = qkv.split([num_heads, num_kv, num_kv], dim=1)

@@ -81,11 +81,13 @@ class LlamaFamilyDecoder:
         self.rope_table = None
         if getattr(body.rotary_emb, "rope_type", "default") == "default":
             every = torch.arange(L, device=device)[None]  # (1, L)
-            self.rope_table = body.rotary_emb(body.embed_tokens.weight[:1, None], every)  # 2 x (1, L, d)
+            cos, sin = body.rotary_emb(body.embed_tokens.weight[:1, None], every)  # 2 x (1, L, d)
+            self.rope_table = cos, signed_sin(sin)
 
     def _rope(self, x: torch.Tensor, position_ids: torch.Tensor):
         if self.rope_table is None:
-            return self.body.rotary_emb(x, position_ids)
+            cos, sin = self.body.rotary_emb(x, position_ids)
+            return cos, signed_sin(sin)
         cos, sin = self.rope_table
         return cos[0, position_ids], sin[0, position_ids]  # (B, n, d) each
 
@@ -106,7 +108,7 @@ class LlamaFamilyDecoder:
             if hasattr(a, "q_norm"):  # Qwen3 normalises q and k per head before rotary
                 q, k = a.q_norm(q), a.k_norm(k)
             qk = torch.cat([q, k], 2).transpose(1, 2)  # (B, h + kv, n, d)
-            qk = qk * cos + rotate_half(qk) * sin  # rotary, as HF's apply_rotary_pos_emb
+            qk = rotary(qk, cos, sin)
             q, k = qk.split([q.size(2), k.size(2)], dim=1)
             keys, values = self.cache[i]  # (B, kv, L, d) each
             keys[:, :, start:end] = k
@@ -156,10 +158,17 @@ class LlamaFamilyDecoder:
         return self.head_prepared(hidden[:, -1])[0]
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """(x1, x2) -> (-x2, x1) over the last dimension's halves: the rotary embedding's partner."""
-    half = x.size(-1) // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+def signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """The rotary sines with the first half of the last dimension negated, as ``rotary`` takes them."""
+    half = sin.size(-1) // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """HF's ``apply_rotary_pos_emb`` for one tensor, ``x * cos + rotate_half(x) * sin`` with
+    ``rotate_half(x) = (-x2, x1)``, written as ``x * cos + roll(x, half) * signed_sin(sin)``: two kernels
+    fewer (no negation, no concatenation); on (1442, 8, 64) 0.37 ms against 0.67 ms."""
+    return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, -1), sin_signed)
 
 
 def fused_weight(linears) -> tuple[torch.Tensor, torch.Tensor | None] | None:
