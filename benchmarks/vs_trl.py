@@ -7,6 +7,7 @@ optimizer step's forward+backward, other).
 
     python benchmarks/vs_trl.py                      # all scales, 3 alternating repeats each
     python benchmarks/vs_trl.py --scales small --repeats 1
+    python benchmarks/vs_trl.py --scales small,medium --prompts 1    # 1 prompt x 8 completions per step
     python benchmarks/vs_trl.py --out benchmarks/results/vs_trl.md
 
 Scales (the settings the project's issues quote):
@@ -39,7 +40,8 @@ SCALES = {
     "vocab": dict(layers=2, hidden=64, vocab=151_936, steps=10, max_len=32),
     "medium-short": dict(layers=6, hidden=256, vocab=None, steps=30, max_len=8),  # not in the default run
 }
-PROMPTS, GENERATIONS, LR, SEED = 8, 8, 3e-3, 0
+PROMPTS = int(os.environ.get("BENCH_PROMPTS", 8))  # prompts per step (--prompts); workers read it from here
+GENERATIONS, LR, SEED = 8, 3e-3, 0
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -169,11 +171,13 @@ def main() -> None:
     parser.add_argument("--scales", default="small,medium,vocab")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=None, help="also write the markdown table here")
+    parser.add_argument("--prompts", type=int, default=PROMPTS, help="prompts per step, 8 completions each")
     parser.add_argument("--worker", choices=["grpokit", "trl"], help=argparse.SUPPRESS)
     parser.add_argument("--scale", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args.worker, args.scale)
+    os.environ["BENCH_PROMPTS"] = str(args.prompts)  # the workers inherit it
 
     lines = ["| scale | grpokit s (median) | TRL s (median) | time ratio | grpokit tok/s | TRL tok/s | "
              "grpokit peak RSS MB | TRL peak RSS MB | RSS ratio | reward grpokit | reward TRL |",
@@ -206,7 +210,8 @@ def main() -> None:
     import torch
 
     header = (f"Median of {args.repeats} alternating runs per library, {os.cpu_count()} CPU cores "
-              f"({platform.processor() or platform.machine()}), torch {torch.__version__}, CPU, float32.")
+              f"({platform.processor() or platform.machine()}), torch {torch.__version__}, CPU, float32; "
+              f"{args.prompts} prompts x {GENERATIONS} completions per step.")
     table = "\n".join([header, "", *lines, "", "Where the time goes (seconds, medians):", "", *parts_lines])
     print("\n" + table)
     if args.out:
