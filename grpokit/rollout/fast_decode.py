@@ -39,12 +39,22 @@ def supports(model: torch.nn.Module, total_length: int) -> bool:
     return all(hasattr(layer, "self_attn") and hasattr(layer, "mlp") for layer in body.layers)
 
 
-def rms_norm(norm: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+def rms_norm(norm: torch.nn.Module, x: torch.Tensor, folded: bool = False) -> torch.Tensor:
     """The model's RMSNorm as one fused op for float32 (same formula: x / sqrt(mean(x^2) + eps) * weight);
-    other dtypes keep the module, whose float32 round trip a fused op would not reproduce."""
+    other dtypes keep the module, whose float32 round trip a fused op would not reproduce. ``folded``: the
+    weight is already in the next projection's weight (``foldable``), so it is left out here."""
     if x.dtype != torch.float32 or norm.weight.dtype != torch.float32:
         return norm(x)
-    return F.rms_norm(x, x.shape[-1:], norm.weight, norm.variance_epsilon)
+    return F.rms_norm(x, x.shape[-1:], None if folded else norm.weight, norm.variance_epsilon)
+
+
+def foldable(norm: torch.nn.Module, linears) -> bool:
+    """Whether ``norm``'s weight can move into the stacked weight of ``linears``, which read its output (a
+    float32 RMSNorm, plain float32 linears): ``rms_norm(norm, x) @ W.T`` is then
+    ``rms_norm(norm, x, folded=True) @ (W * norm.weight).T`` up to float32 rounding."""
+    weight = getattr(norm, "weight", None)
+    return (stackable(linears) and isinstance(weight, torch.Tensor) and weight.dtype == torch.float32
+            and all(m.weight.dtype == torch.float32 for m in linears) and hasattr(norm, "variance_epsilon"))
 
 
 class LlamaFamilyDecoder:
@@ -61,7 +71,6 @@ class LlamaFamilyDecoder:
         self.P = P
         attn = body.layers[0].self_attn
         self.head_dim = attn.head_dim
-        self.scaling = attn.scaling
         num_kv = model.config.num_key_value_heads
         L = P + max_new_tokens
         dtype = body.embed_tokens.weight.dtype
@@ -74,8 +83,9 @@ class LlamaFamilyDecoder:
         self.positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P), as the training forward uses
         self.next_position = prompt_mask.sum(-1, keepdim=True)  # (B, 1)
         # per layer, the projections prepared once per rollout (q/k/v stacked, gate/up stacked; see Stacked)
-        self.prepared = [prepared_layer(layer, B) for layer in body.layers]
-        self.head_prepared = Stacked((self.head,), B)
+        self.prepared = [PreparedLayer(layer, B) for layer in body.layers]
+        self.fold_final = foldable(body.norm, (self.head,))
+        self.head_prepared = Stacked((self.head,), B, in_scale=body.norm.weight if self.fold_final else None)
         # rotary cos/sin of every position this rollout can reach, computed once (plain RoPE only: the
         # dynamic variants rescale with the sequence length, so they are recomputed per call)
         self.rope_table = None
@@ -100,29 +110,31 @@ class LlamaFamilyDecoder:
         cos, sin = self._rope(x, position_ids)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, n, d): broadcast over heads
         d = self.head_dim
-        for i, (layer, weights) in enumerate(zip(self.body.layers, self.prepared)):
-            a = layer.self_attn
-            h = rms_norm(layer.input_layernorm, x)
-            q, k, v = weights["qkv"](h)
-            q, k, v = q.view(B, n, -1, d), k.view(B, n, -1, d), v.view(B, n, -1, d)  # (B, n, heads, d)
-            if hasattr(a, "q_norm"):  # Qwen3 normalises q and k per head before rotary
-                q, k = a.q_norm(q), a.k_norm(k)
-            qk = torch.cat([q, k], 2).transpose(1, 2)  # (B, h + kv, n, d)
-            qk = rotary(qk, cos, sin)
-            q, k = qk.split([q.size(2), k.size(2)], dim=1)
+        for i, p in enumerate(self.prepared):
+            h = rms_norm(p.input_norm, x, p.fold_input_norm)
+            heads, kv = p.heads, p.kv_heads
+            if p.qk_norm is None and p.qkv.weight is not None:  # q, k, v: views of one output; rotary on q, k
+                qkv = p.qkv.whole(h).view(B, n, heads + 2 * kv, d).transpose(1, 2)  # (B, h + 2 kv, n, d)
+                qk, v = rotary(qkv[:, :heads + kv], cos, sin), qkv[:, heads + kv:]
+            else:  # projections called one by one (LoRA), or Qwen3's per-head norms of q and k before rotary
+                q, k, v = (t.view(B, n, -1, d) for t in p.qkv(h))  # (B, n, heads, d)
+                if p.qk_norm is not None:
+                    q, k = p.qk_norm[0](q), p.qk_norm[1](k)
+                qk, v = rotary(torch.cat([q, k], 2).transpose(1, 2), cos, sin), v.transpose(1, 2)
+            q, k = qk.split([heads, kv], dim=1)
             keys, values = self.cache[i]  # (B, kv, L, d) each
             keys[:, :, start:end] = k
-            values[:, :, start:end] = v.transpose(1, 2)
-            o = attention(q, keys[:, :, :end], values[:, :, :end], mask, self.scaling)  # (B, h, n, d)
-            x = x + weights["o"](o.transpose(1, 2).reshape(B, n, -1))[0]
-            h = rms_norm(layer.post_attention_layernorm, x)
-            if "gate_up" in weights:  # the Llama-family MLP down(act(gate(h)) * up(h)), gate and up in one matmul
-                gate, up = weights["gate_up"](h)
-                x = x + weights["down"](layer.mlp.act_fn(gate) * up)[0]
+            values[:, :, start:end] = v
+            o = attention(q, keys[:, :, :end], values[:, :, :end], mask, p.scaling)  # (B, h, n, d)
+            x = p.o.add(o.transpose(1, 2).reshape(B, n, -1), x)  # x + o_proj(o)
+            h = rms_norm(p.post_norm, x, p.fold_post_norm)
+            if p.gate_up is not None:  # the Llama-family MLP down(act(gate(h)) * up(h)), gate and up in one matmul
+                gate, up = p.gate_up(h)
+                x = p.down.add(p.act_fn(gate) * up, x)
             else:
-                x = x + layer.mlp(h)
+                x = x + p.mlp(h)
         self.filled = end
-        return rms_norm(self.body.norm, x)
+        return rms_norm(self.body.norm, x, self.fold_final)
 
     def select(self, index: torch.Tensor) -> None:
         """The batch becomes its rows ``index`` (b,) long, in that order: a row may be dropped or repeated."""
@@ -171,15 +183,21 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torc
     return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, -1), sin_signed)
 
 
-def fused_weight(linears) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """``(weight, bias)`` of several plain ``nn.Linear`` layers stacked as one, or ``None`` when any is
-    another module (a LoRA layer, a quantised linear) or only some have a bias."""
+def stackable(linears) -> bool:
+    """Whether ``linears`` are all plain ``nn.Linear`` layers (not a LoRA layer, not a quantised linear) that
+    all have a bias or all have none: then ``fused_weight`` stacks them."""
     if not all(type(m) is torch.nn.Linear for m in linears):
-        return None
+        return False
     has_bias = [m.bias is not None for m in linears]
-    if any(has_bias) and not all(has_bias):
+    return all(has_bias) or not any(has_bias)
+
+
+def fused_weight(linears) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight, bias)`` of several plain ``nn.Linear`` layers stacked as one, or ``None`` unless
+    ``stackable(linears)``."""
+    if not stackable(linears):
         return None
-    bias = torch.cat([m.bias for m in linears]) if all(has_bias) else None
+    bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
     return torch.cat([m.weight for m in linears]), bias
 
 
@@ -203,13 +221,22 @@ class Stacked:
     (benchmarks/cpu_kernels.py). Other modules (LoRA layers, quantised linears) are called one by one.
     ``__call__(h)`` -> one output per layer."""
 
-    def __init__(self, linears, batch_size: int):
+    def __init__(self, linears, batch_size: int, in_scale: torch.Tensor | None = None,
+                 out_scale: torch.Tensor | None = None):
+        """``in_scale`` (in,) multiplies the stacked weight's columns, ``out_scale`` (out,) its rows and bias
+        (a folded norm weight, a folded attention scale); they need a stacked weight (``fused_weight``)."""
         self.linears, self.sizes = linears, [m.out_features for m in linears]
         self.weight = self.bias = self.onednn = None
         stacked = fused_weight(linears)
         if stacked is None:
+            assert in_scale is None and out_scale is None, "only a stacked weight takes folded scales"
             return
         self.weight, self.bias = stacked
+        if in_scale is not None:
+            self.weight = self.weight * in_scale
+        if out_scale is not None:
+            self.weight = self.weight * out_scale[:, None]
+            self.bias = None if self.bias is None else self.bias * out_scale
         cpu_float32 = self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
         if cpu_float32 and self.weight.numel() >= ONEDNN_MIN_WEIGHT and torch.backends.mkldnn.is_available():
             try:
@@ -220,8 +247,19 @@ class Stacked:
     def __call__(self, h: torch.Tensor) -> list[torch.Tensor]:
         if self.onednn is None:
             return project(h, self.linears, None if self.weight is None else (self.weight, self.bias))
-        out = torch.ops.mkldnn._linear_pointwise(h, self.onednn, self.bias, "none", [], "")
-        return list(out.split(self.sizes, dim=-1))
+        return list(self.whole(h).split(self.sizes, dim=-1))
+
+    def whole(self, h: torch.Tensor) -> torch.Tensor:
+        """The stacked output, not split (a stacked weight only)."""
+        if self.onednn is None:
+            return F.linear(h, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(h, self.onednn, self.bias, "none", [], "")
+
+    def add(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(h)[0]`` for one layer; with oneDNN weights the addition is fused into the matmul."""
+        if self.onednn is None:
+            return residual + self(h)[0]
+        return torch.ops.mkldnn._linear_pointwise.binary(h, residual, self.onednn, self.bias, "add")
 
 
 def is_gated_mlp(module: torch.nn.Module) -> bool:
@@ -229,15 +267,37 @@ def is_gated_mlp(module: torch.nn.Module) -> bool:
     return all(hasattr(module, p) for p in ("gate_proj", "up_proj", "down_proj", "act_fn"))
 
 
-def prepared_layer(layer: torch.nn.Module, batch_size: int) -> dict:
-    """A decoder layer's projections as ``Stacked``: ``qkv``, ``o``, and for the Llama-family MLP ``gate_up``
-    and ``down``."""
-    a, mlp = layer.self_attn, layer.mlp
-    out = {"qkv": Stacked((a.q_proj, a.k_proj, a.v_proj), batch_size), "o": Stacked((a.o_proj,), batch_size)}
-    if is_gated_mlp(mlp):
-        out["gate_up"] = Stacked((mlp.gate_proj, mlp.up_proj), batch_size)
-        out["down"] = Stacked((mlp.down_proj,), batch_size)
-    return out
+class PreparedLayer:
+    """A decoder layer as the sampler runs it, built once per rollout: its projections ``Stacked`` (``qkv``,
+    ``o``, and for the Llama-family MLP ``gate_up`` and ``down``), with the weights of the two RMSNorms folded
+    into the stacked weights they feed and the attention scale folded into q's rows where that is exact in
+    float32 (fewer elementwise kernels per token: ``tests/test_fast_decode.py`` checks the logits)."""
+
+    def __init__(self, layer: torch.nn.Module, batch_size: int):
+        a, mlp = layer.self_attn, layer.mlp
+        self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
+        self.heads, self.kv_heads = a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim
+        self.qk_norm = (a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None
+        qkv = (a.q_proj, a.k_proj, a.v_proj)
+        self.fold_input_norm = foldable(self.input_norm, qkv)
+        self.scaling, in_scale, out_scale = a.scaling, None, None
+        if self.fold_input_norm:  # q's rows carry the attention scale too, unless a per-head norm follows them
+            in_scale = self.input_norm.weight
+            if self.qk_norm is None:
+                w = a.q_proj.weight
+                out_scale = torch.ones(sum(m.out_features for m in qkv), dtype=w.dtype, device=w.device)
+                out_scale[:a.q_proj.out_features] = a.scaling
+                self.scaling = 1.0
+        self.qkv = Stacked(qkv, batch_size, in_scale=in_scale, out_scale=out_scale)
+        self.o = Stacked((a.o_proj,), batch_size)
+        self.mlp, self.act_fn = mlp, getattr(mlp, "act_fn", None)
+        self.gate_up = self.down = None
+        self.fold_post_norm = False
+        if is_gated_mlp(mlp):
+            gate_up = (mlp.gate_proj, mlp.up_proj)
+            self.fold_post_norm = foldable(self.post_norm, gate_up)
+            self.gate_up = Stacked(gate_up, batch_size, in_scale=self.post_norm.weight if self.fold_post_norm else None)
+            self.down = Stacked((mlp.down_proj,), batch_size)
 
 
 SHORT_ATTENTION = 128
@@ -262,5 +322,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.size(1) != k.size(1))
     if k.size(1) != q.size(1):
         k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(scale).add_(mask)  # (B, h, n, L)
+    scores = torch.matmul(q, k.transpose(-1, -2))  # (B, h, n, L)
+    scores = (scores if scale == 1.0 else scores.mul_(scale)).add_(mask)  # 1.0: folded into q (PreparedLayer)
     return torch.matmul(scores.softmax(-1), v)
