@@ -70,6 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"grpokit: error: {message}", file=sys.stderr)
         return EXIT_FAILED if isinstance(e, TrainingError) else EXIT_USAGE
+    finally:  # under torchrun: gloo's worker threads must stop while the interpreter is whole, or exit can abort
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def train_flags(args: argparse.Namespace) -> dict[str, Any]:
