@@ -29,6 +29,7 @@ def test_logits_match_the_hugging_face_forward(family, extra):
     prompt_ids = torch.randint(0, 37, (3, 5), generator=g) * prompt_mask
     new = torch.randint(0, 37, (3, 4), generator=g)  # completion tokens fed one by one
     assert fast_decode.supports(model, 9)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
     decoder = fast_decode.LlamaFamilyDecoder(model, prompt_mask, max_new_tokens=4)
     with torch.inference_mode():
         got = [decoder.prefill(prompt_ids)] + [decoder.step(new[:, t], t) for t in range(3)]
@@ -37,6 +38,8 @@ def test_logits_match_the_hugging_face_forward(family, extra):
         full = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask)).logits
     for t, logits in enumerate(got):
         torch.testing.assert_close(logits, full[:, 4 + t], rtol=0, atol=1e-5)
+    # the norm weights and attention scale folded into the stacked copies leave the model's own weights alone
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
 def test_unsupported_models_fall_back():

@@ -231,12 +231,12 @@ class Stacked:
         if stacked is None:
             assert in_scale is None and out_scale is None, "only a stacked weight takes folded scales"
             return
-        self.weight, self.bias = stacked
+        self.weight, self.bias = stacked  # new tensors (torch.cat): scaled in place
         if in_scale is not None:
-            self.weight = self.weight * in_scale
+            self.weight.mul_(in_scale)
         if out_scale is not None:
-            self.weight = self.weight * out_scale[:, None]
-            self.bias = None if self.bias is None else self.bias * out_scale
+            self.weight.mul_(out_scale[:, None])
+            self.bias = None if self.bias is None else self.bias.mul_(out_scale)
         cpu_float32 = self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
         if cpu_float32 and self.weight.numel() >= ONEDNN_MIN_WEIGHT and torch.backends.mkldnn.is_available():
             try:
