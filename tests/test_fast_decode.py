@@ -49,3 +49,24 @@ def test_unsupported_models_fall_back():
     assert not fast_decode.supports(gpt2, 10)
     windowed = tiny("mistral", sliding_window=4)
     assert not fast_decode.supports(windowed, 10) and fast_decode.supports(windowed, 4)
+
+
+@pytest.mark.parametrize("max_new_tokens", [2, 40])  # the cache gathered whole, or only its written slots
+def test_select_repeats_and_drops_rows_of_the_written_cache(max_new_tokens):
+    model = tiny("llama")
+    prompt_mask = torch.tensor([[0, 1, 1], [1, 1, 1], [0, 0, 1]])
+    prompt_ids = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 0, 4]])
+    index = torch.tensor([2, 0, 0, 1, 2])
+    with torch.inference_mode():
+        whole = fast_decode.LlamaFamilyDecoder(model, prompt_mask, max_new_tokens)
+        first = whole.prefill(prompt_ids)
+        written = whole.cache[..., :whole.filled, :].clone()
+        whole.select(index)
+        torch.testing.assert_close(whole.cache[..., :whole.filled, :], written[:, :, index], rtol=0, atol=0)
+        key_ok = torch.cat([prompt_mask.bool(), torch.ones(3, max_new_tokens, dtype=torch.bool)], 1)
+        assert torch.equal(whole.key_ok, key_ok[index])
+        # and decoding on from the selected rows matches decoding the same rows from scratch
+        direct = fast_decode.LlamaFamilyDecoder(model, prompt_mask[index], max_new_tokens)
+        torch.testing.assert_close(first[index], direct.prefill(prompt_ids[index]), rtol=0, atol=1e-5)
+        token = torch.tensor([3, 1, 2, 5, 7])
+        torch.testing.assert_close(whole.step(token, 0), direct.step(token, 0), rtol=0, atol=1e-5)
