@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from grpokit.rollout import fast_decode, position_ids_from_mask
+from grpokit.rollout.generate import distinct_rows
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -70,9 +71,8 @@ class Layout:
         attention = torch.cat([prompt_mask, completion_mask], 1).bool()  # (N, L)
         L = attention.size(1)
         rows = torch.arange(N, device=device)
-        same = torch.zeros(N, dtype=torch.bool, device=device)  # row n repeats row n - 1's prompt
-        same[1:] = (prompt_ids[1:] == prompt_ids[:-1]).all(1) & (prompt_mask[1:] == prompt_mask[:-1]).all(1)
-        leader = torch.where(same, 0, rows).cummax(0).values  # (N,) first row of each run of equal prompts
+        first, group = distinct_rows(torch.cat([prompt_ids, prompt_mask], 1))  # as the sampler shares prompts
+        leader = first[group]  # (N,) the first row with the same prompt
         # a row's last token feeds nothing: no later query sees it and it predicts no token. Leaving it out (of
         # the packed tokens, and of the keys) changes no output.
         columns = torch.arange(1, completion_mask.size(1) + 1, device=device)

@@ -117,17 +117,19 @@ def test_the_trainer_makes_the_same_update_with_and_without_padding(tmp_path, ex
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_any_padding_and_sharing_pattern_matches_the_hugging_face_forward(data, exact_norms):
-    """Random row counts, prompt and completion lengths (a completion may be empty), and runs of rows sharing
-    a prompt: log-probs and gradients as the padded Hugging Face forward's, in float64."""
+    """Random row counts, prompt and completion lengths (a completion may be empty), and rows sharing an
+    earlier row's prompt (a group, or a prompt drawn twice): log-probs and gradients as the padded Hugging Face
+    forward's, in float64."""
     model = PROPERTY_MODEL
     N, P, C = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 5)), data.draw(st.integers(1, 5))
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
     prompt_len = [data.draw(st.integers(1, P)) for _ in range(N)]
     prompt_mask = torch.tensor([[0] * (P - n) + [1] * n for n in prompt_len])
     prompt_ids = torch.randint(1, 37, (N, P), generator=g) * prompt_mask
-    for n in range(1, N):  # repeat the previous row's prompt (a group) or not
+    for n in range(1, N):  # repeat an earlier row's prompt (the previous one: a group) or not
         if data.draw(st.booleans()):
-            prompt_ids[n], prompt_mask[n] = prompt_ids[n - 1], prompt_mask[n - 1]
+            earlier = data.draw(st.integers(0, n - 1))
+            prompt_ids[n], prompt_mask[n] = prompt_ids[earlier], prompt_mask[earlier]
     completion_mask = torch.tensor([[1] * n + [0] * (C - n) for n in (data.draw(st.integers(0, C)) for _ in range(N))])
     completion_ids = torch.randint(1, 37, (N, C), generator=g) * completion_mask
     batch = (prompt_ids, prompt_mask, completion_ids, completion_mask)
