@@ -245,8 +245,8 @@ class Stacked:
                 self.onednn = None
 
     def __call__(self, h: torch.Tensor) -> list[torch.Tensor]:
-        if self.onednn is None:
-            return project(h, self.linears, None if self.weight is None else (self.weight, self.bias))
+        if self.weight is None:
+            return [m(h) for m in self.linears]
         return list(self.whole(h).split(self.sizes, dim=-1))
 
     def whole(self, h: torch.Tensor) -> torch.Tensor:
