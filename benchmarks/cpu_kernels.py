@@ -9,6 +9,14 @@
 3. A whole rollout (64 completions) with oneDNN weights from ``ONEDNN_MIN_WEIGHT`` up (the default), for no
    weight, and for every weight, on the 2-layer hidden-64 and the 6-layer hidden-256 models of ``vs_trl.py``.
 4. The optimizer step's forward + backward on one rollout of the medium model: ``padding_free`` on and off.
+5. Rotary on a (1442, 8, 64) tensor: ``fast_decode.rotary`` (roll, one fused multiply-add) against HF's
+   ``x * cos + rotate_half(x) * sin``.
+6. ``LlamaFamilyDecoder.select`` dropping 7 of 56 rows of the medium model's cache (25 of 36 slots written)
+   against a strided copy of the written slots.
+7. A rollout of the medium model, 8 prompts x 8 completions, <= 3 and <= 8 tokens: each distinct prompt
+   prefilled once (``generate.distinct_rows``) against every row prefilled.
+8. A rollout of the small model: norm weights and attention scale folded into the stacked weights
+   (``PreparedLayer``) against not folded.
 
 Each pair alternates in one process; medians of the repeats, in milliseconds.
 """
@@ -121,6 +129,85 @@ def rollout_rows(rounds: int) -> list[str]:
     return rows
 
 
+def rotary_row(rounds: int) -> str:
+    x, cos, sin = torch.randn(1442, 8, 64), torch.randn(1442, 1, 64), torch.randn(1442, 1, 64)
+    signed = fast_decode.signed_sin(sin)
+
+    def rotate_half(t: torch.Tensor) -> torch.Tensor:
+        return torch.cat([-t[..., 32:], t[..., :32]], dim=-1)
+
+    ms = alternate({"roll": lambda: fast_decode.rotary(x, cos, signed),
+                    "rotate_half": lambda: x * cos + rotate_half(x) * sin}, rounds, repeats=100)
+    return (f"| rotary, (1442, 8, 64) | {ms['roll']:.3f} (roll + addcmul) | {ms['rotate_half']:.3f} "
+            f"(x * cos + rotate_half(x) * sin) | {ms['roll'] / ms['rotate_half']:.2f} |")
+
+
+def select_row(rounds: int) -> str:
+    from types import SimpleNamespace
+
+    cache, filled = torch.randn(6, 2, 56, 4, 36, 64), 25
+    index = torch.arange(49)
+
+    def gather() -> None:
+        decoder = SimpleNamespace(cache=cache, filled=filled, key_ok=torch.ones(56, 36, dtype=torch.bool),
+                                  next_position=torch.zeros(56, 1, dtype=torch.long))
+        fast_decode.LlamaFamilyDecoder.select(decoder, index)
+
+    def strided() -> None:
+        out = cache.new_empty(cache.shape[:2] + (index.numel(),) + cache.shape[3:])
+        out[..., :filled, :] = cache[:, :, index, :, :filled]
+
+    ms = alternate({"select": gather, "strided": strided}, rounds, repeats=20)
+    return (f"| drop 7 of 56 rows of the medium cache (25 of 36 slots written) | {ms['select']:.2f} "
+            f"(LlamaFamilyDecoder.select) | {ms['strided']:.2f} (strided copy) | {ms['select'] / ms['strided']:.2f} |")
+
+
+def sampler_pair(layers: int, hidden: int, length: int, module, name: str, replacement) -> dict:
+    """A rollout of 8 prompts x 8 completions as grpokit runs it, and with ``module.name`` replaced."""
+    from grpokit.demo import char_tokenizer, tiny_model
+
+    generate_module = importlib.import_module("grpokit.rollout.generate")
+    tokenizer = char_tokenizer()
+    prompts = []
+    for letter in "abcdefgh":
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": letter}], add_generation_prompt=True,
+                                               tokenize=True)
+        prompts += [prompt["input_ids"] if hasattr(prompt, "keys") else prompt] * 8
+    model = tiny_model(tokenizer, hidden_size=hidden, num_layers=layers)
+    original = getattr(module, name)
+
+    def rollout(fn) -> None:
+        setattr(module, name, fn)
+        try:
+            generate_module.generate(model, tokenizer, prompts, max_new_tokens=length,
+                                     eos_token_ids=[tokenizer.eos_token_id], generator=torch.Generator().manual_seed(0))
+        finally:
+            setattr(module, name, original)
+
+    return {"grpokit": lambda: rollout(original), "alternative": lambda: rollout(replacement)}
+
+
+def sampler_rows(rounds: int) -> list[str]:
+    generate_module = importlib.import_module("grpokit.rollout.generate")
+
+    def every_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = torch.arange(x.size(0))
+        return rows, rows
+
+    rows = []
+    for length in (3, 8):
+        ms = alternate(sampler_pair(6, 256, length, generate_module, "distinct_rows", every_row), rounds, repeats=5)
+        rows.append(f"| rollout, 6 layers, hidden 256, 8 prompts x 8 x <= {length} tokens | {ms['grpokit']:.1f} "
+                    f"(each prompt prefilled once) | {ms['alternative']:.1f} (every row prefilled) | "
+                    f"{ms['grpokit'] / ms['alternative']:.2f} |")
+    ms = alternate(sampler_pair(2, 64, 12, fast_decode, "foldable", lambda norm, linears: False), rounds,
+                   repeats=20)
+    rows.append(f"| rollout, 2 layers, hidden 64, 8 prompts x 8 x <= 12 tokens | {ms['grpokit']:.1f} "
+                f"(norm weights, attention scale folded) | {ms['alternative']:.1f} (not folded) | "
+                f"{ms['grpokit'] / ms['alternative']:.2f} |")
+    return rows
+
+
 def padding_free_row(rounds: int) -> str:
     from vs_trl import SCALES, build
 
@@ -154,7 +241,8 @@ def main() -> None:
     lines = [f"Median of {args.rounds} alternating rounds, {torch.get_num_threads()} threads "
              f"({platform.processor() or platform.machine()}), torch {torch.__version__}, float32; ms.", "",
              "| what | grpokit's choice | alternative | ratio |", "|---|---|---|---|"]
-    for part in (attention_rows, lambda r: [projection_row(r)], rollout_rows, lambda r: [padding_free_row(r)]):
+    for part in (attention_rows, lambda r: [projection_row(r)], rollout_rows, lambda r: [padding_free_row(r)],
+                 lambda r: [rotary_row(r), select_row(r)], sampler_rows):
         for row in part(args.rounds):
             print(row, flush=True)
             lines.append(row)
