@@ -5,7 +5,6 @@ import json
 import os
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -60,16 +59,10 @@ def torchrun(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedP
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory) -> Path:
     """Every case of CASES and RESUME trained once by 2 gloo processes; their results in the returned folder."""
-    for attempt in range(2):  # one full test run saw this launch fail, never reproduced: a second try, in a fresh
-        out = tmp_path_factory.mktemp("torchrun")  # folder, and a warning with the first failure's output
-        (out / "cases.json").write_text(json.dumps(CASES + RESUME))
-        try:
-            torchrun(str(WORKER), str(out / "cases.json"), str(out), cwd=ROOT)
-            return out
-        except AssertionError as failure:
-            if attempt == 1:
-                raise
-            warnings.warn(f"the 2-process run failed once; trying again: {str(failure)[-3000:]}", stacklevel=1)
+    out = tmp_path_factory.mktemp("torchrun")
+    (out / "cases.json").write_text(json.dumps(CASES + RESUME))
+    torchrun(str(WORKER), str(out / "cases.json"), str(out), cwd=ROOT)
+    return out
 
 
 # ---- the split (no processes needed) ---------------------------------------------------------------------
