@@ -45,7 +45,8 @@ class Batch:
     def __len__(self) -> int:
         return self.prompt_ids.size(0)
 
-    def __getitem__(self, rows: slice) -> Batch:
+    def __getitem__(self, rows: slice | torch.Tensor) -> Batch:
+        """The rows ``rows``: a slice (views) or a (k,) long index (copies, in that order)."""
         return Batch(**{f.name: None if getattr(self, f.name) is None else getattr(self, f.name)[rows]
                         for f in fields(self)})
 

@@ -213,6 +213,11 @@ class GRPOConfig:
     """Llama-family models (Llama, Mistral, Qwen2, Qwen3): the training forward computes only real tokens,
     each group's prompt once (``grpokit.packed``); the same log-probs and gradients up to float rounding.
     ``False``: the Hugging Face forward over the padded batch. Other models always use the latter."""
+    skip_zero_advantage: bool = True
+    """With beta = 0, a completion whose advantage is 0 on every loss token (a group whose rewards are all
+    equal) adds exactly 0 to the loss and its gradient, so it runs without autograd: a forward for the logged
+    entropy and ratios, no backward. The update is the same up to float rounding. One process only (under
+    torchrun every row runs through autograd). ``False``: every row is backpropagated."""
 
     # ---- several processes (torchrun; grpokit.distributed) -----------------------------------------------
     distributed: str = "ddp"
@@ -230,6 +235,7 @@ class GRPOConfig:
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
         _check_bool("gradient_checkpointing", self.gradient_checkpointing)
         _check_bool("padding_free", self.padding_free)
+        _check_bool("skip_zero_advantage", self.skip_zero_advantage)
         self.peft = check_peft_section(self.peft)
         if self.peft is not None and (self.log_exact_kl or self.ref_reset_steps or self.ref_sync_steps):
             raise ValueError("peft: pi_ref of a LoRA run is the base model with adapters off; log_exact_kl, "

@@ -313,9 +313,11 @@ class GRPOTrainer:
         sums = {"loss": 0.0, "entropy": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio_low": 0.0,
                 "clip_ratio_high": 0.0, "ratio_mean": 0.0}
         tokens = max(int(num_items), 1)
-        micro_batches = mini.split(self.args.micro_batch)
-        for i, micro in enumerate(micro_batches):
-            with self.parallel.grad_sync(last=i == len(micro_batches) - 1):  # DDP: all-reduce once per step
+        micro_batches = self.micro_batches(mini)  # [(micro-batch, backpropagate it)]
+        last = max(i for i, (_, backward) in enumerate(micro_batches) if backward)
+        for i, (micro, backward) in enumerate(micro_batches):
+            # DDP: all-reduce once per step
+            with self.parallel.grad_sync(last=i == last), torch.set_grad_enabled(backward):
                 logps, entropy = self.parallel.policy(
                     micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask,
                     temperature=self.args.temperature, chunk_size=self.args.logprob_chunk_size, return_entropy=True,
@@ -323,7 +325,8 @@ class GRPOTrainer:
                 out = grpo_loss(logps, micro.advantages, micro.loss_mask, old_logps=micro.old_logps,
                                 ref_logps=micro.ref_logps, config=self.loss_config, totals=totals,
                                 token_weights=micro.tis_weights)
-                (out.loss * self.parallel.loss_scale).backward()  # x W under DDP/FSDP: they average gradients
+                if backward:
+                    (out.loss * self.parallel.loss_scale).backward()  # x W under DDP/FSDP: they average gradients
             share = float(micro.loss_mask.sum()) / tokens  # token-weighted means over the mini-batch
             sums["loss"] += out.loss.item()
             sums["entropy"] += float((entropy.detach() * micro.loss_mask).sum()) / tokens
@@ -345,6 +348,29 @@ class GRPOTrainer:
             del sums["kl"]
         return {**sums, **exact, "learning_rate": learning_rate, "grad_norm": float(grad_norm),
                 "num_tokens": int(self.world.all_reduce_sum(mini.completion_mask.sum()))}
+
+    def micro_batches(self, mini: Batch) -> list[tuple[Batch, bool]]:
+        """The micro-batches of ``mini``, each with whether it is backpropagated: with ``skip_zero_advantage``
+        (and beta = 0, one process), the rows that can carry gradient first, then those that cannot.
+
+        With no KL term, every surrogate (``grpo_loss``) is the advantage times a function of the ratio, so a row
+        whose advantage is 0 on all its loss tokens (or that has no loss token) adds exactly 0 to the loss and to
+        every gradient. Those rows still run forward, without autograd, for the logged entropy and ratios. If no
+        row carries gradient, one goes through autograd anyway: every parameter then gets its zero gradient, and
+        AdamW steps (moments, weight decay) exactly as it would without the skipping."""
+        size = self.args.micro_batch
+        if not self.args.skip_zero_advantage or self.loss_config.beta != 0 or self.world.world_size > 1:
+            return [(m, True) for m in mini.split(size)]
+        advantages, mask = mini.advantages, mini.loss_mask.bool()  # (n,) or (n, C); (n, C)
+        nonzero = advantages != 0
+        live = (mask & (nonzero[:, None] if nonzero.dim() == 1 else nonzero)).any(-1)  # (n,)
+        if bool(live.all()):
+            return [(m, True) for m in mini.split(size)]
+        live_rows, dead_rows = live.nonzero().squeeze(1), (~live).nonzero().squeeze(1)
+        if live_rows.numel() == 0:
+            live_rows, dead_rows = dead_rows[:1], dead_rows[1:]
+        return ([(m, True) for m in mini[live_rows].split(size)]
+                + [(m, False) for m in mini[dead_rows].split(size) if len(m)])
 
     def after_step(self) -> dict[str, float]:
         """Iterative RL (DeepSeekMath 4.1.4) after optimizer step ``self.step``: pi_ref <- pi_theta (or a Polyak

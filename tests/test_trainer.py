@@ -77,6 +77,63 @@ def test_micro_batch_size_does_not_change_the_update(tmp_path, loss_type, exact_
         assert math.isclose(metrics["loss"], results[0][2]["loss"], rel_tol=1e-10, abs_tol=1e-13)
 
 
+def zero_some_advantages(batch, rows):
+    batch.advantages = batch.advantages.clone()
+    batch.advantages[rows] = 0.0
+    return batch
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "cispo", "sapo"])
+def test_zero_advantage_rows_skip_the_backward_and_the_update_is_the_same(tmp_path, loss_type):
+    """Rows with advantage 0 run without autograd: the same parameters (float64, 1e-13) and the same logged
+    entropy, loss and ratios, over two passes of one rollout (the second off-policy, so the ratios are live)."""
+    results = []
+    for skip in (False, True):
+        trainer = make_trainer(tmp_path / str(skip), dtype="float64", loss_type=loss_type, skip_zero_advantage=skip,
+                               num_iterations=2, micro_batch_size=2, weight_decay=0.1,
+                               epsilon_high=5.0 if loss_type == "cispo" else None)
+        batch = zero_some_advantages(trainer.rollout()[0], [0, 1, 2, 3, 6])  # a whole group and one more row
+        assert batch.advantages[[4, 5, 7]].ne(0).all()
+        backward = [len(m) for m, b in trainer.micro_batches(batch) if b]
+        assert backward == ([2, 2, 2, 2] if not skip else [2, 1])  # skipped: all but the 3 rows with an advantage
+        metrics = [trainer.update(batch), trainer.update(batch)]
+        results.append((params(trainer.model), metrics))
+    (expected, expected_metrics), (got, got_metrics) = results
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-13)
+    for want, have in zip(expected_metrics, got_metrics):
+        for name in ("loss", "entropy", "ratio_mean", "clip_ratio", "grad_norm"):
+            assert math.isclose(have[name], want[name], rel_tol=1e-10, abs_tol=1e-13), name
+    assert expected_metrics[1]["ratio_mean"] != 1.0
+
+
+def test_a_rollout_without_advantage_still_steps_adamw_as_usual(tmp_path):
+    """All advantages 0: one row still runs through autograd, so every parameter gets its zero gradient and
+    AdamW's moments and weight decay act as without the skipping (a step after a real one moves the weights)."""
+    results = []
+    for skip in (False, True):
+        trainer = make_trainer(tmp_path / str(skip), dtype="float64", skip_zero_advantage=skip, weight_decay=0.1,
+                               max_steps=3)
+        batch = trainer.rollout()[0]
+        trainer.update(batch)  # a real step: AdamW's moments are no longer 0
+        flat = zero_some_advantages(batch, slice(None))
+        assert sum(b for _, b in trainer.micro_batches(flat)) == 1
+        before = params(trainer.model)
+        metrics = trainer.update(flat)
+        after = params(trainer.model)
+        assert metrics["grad_norm"] == 0.0 and any(not torch.equal(before[k], after[k]) for k in before)
+        assert all(p.grad is None for p in trainer.model.parameters())  # zero_grad after the step, as always
+        results.append(after)
+    for k in results[0]:
+        torch.testing.assert_close(results[1][k], results[0][k], rtol=0, atol=1e-13)
+
+
+def test_every_row_is_backpropagated_when_the_loss_has_a_kl_term(tmp_path):
+    trainer = make_trainer(tmp_path, beta=0.05)
+    batch = zero_some_advantages(trainer.rollout()[0], slice(None))
+    assert all(b for _, b in trainer.micro_batches(batch))  # the KL term has a gradient on every row
+
+
 def test_old_logps_only_when_a_rollout_feeds_several_steps(tmp_path):
     assert make_trainer(tmp_path / "a").rollout()[0].old_logps is None  # mu = 1, S = 1: pi_old = sg(pi)
     batch, _ = make_trainer(tmp_path / "b", num_iterations=2).rollout()
