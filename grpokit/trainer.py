@@ -10,7 +10,9 @@ The loop, one rollout at a time (``train``):
 4. record log pi_old (only if the rollout feeds several steps, or for ``tis`` / ``kl_in_reward``) and log pi_ref
    (only if beta > 0); with ``tis``, the capped weights pi_old / pi_sampler (``mismatch.tis_weights``)
 5. mu = ``num_iterations`` passes x ``steps_per_rollout`` mini-batches, one AdamW step each  (``update``),
-   accumulating gradients over micro-batches so that ``micro_batch_size`` never changes the update
+   accumulating gradients over micro-batches so that ``micro_batch_size`` never changes the update; with
+   beta = 0, rows whose advantage is 0 (flat groups) carry no gradient and are not backpropagated
+   (``micro_batches``)
 6. log one row of metrics per optimizer step (with the exact KL to pi_ref: ``reference.exact_kl_metrics``);
    refresh pi_ref / retrain a learned reward when due (``after_step``); checkpoint every ``save_steps``
 

@@ -103,6 +103,22 @@ def normaliser(loss_type: str) -> Callable[[torch.Generator], float]:
     return check
 
 
+def zero_advantage_rows(g: torch.Generator) -> float:
+    """With beta = 0, a row with A = 0 has gradient exactly 0 under every loss type, on- and off-policy, with
+    sequence-level ratios and with TIS weights: what lets the trainer skip its backward (skip_zero_advantage)."""
+    worst = 0.0
+    for loss_type in LOSS_TYPES:
+        for level, spread in (("token", 0.0), ("token", 0.5), ("sequence", 0.5)):
+            logps, adv, mask, _, old = random_rollout(g, spread=spread)
+            adv[::2] = 0.0
+            cfg = LossConfig(loss_type=loss_type, importance_sampling_level=level,
+                             epsilon_high=5.0 if loss_type == "cispo" else None)
+            weights = torch.rand(mask.shape, generator=g, dtype=F64) + 0.5
+            grad = grad_wrt_logps(logps, adv, mask, cfg, old_logps=old, token_weights=weights)
+            worst = max(worst, grad[::2].abs().max().item())
+    return worst
+
+
 # ----------------------------------------------------------------------------------- KL claims
 
 
@@ -234,6 +250,8 @@ CLAIMS = [
     Claim("clipping is inert on-policy (ratio = 1)", "eq. 3 with pi_old = sg(pi_theta)", clipping_is_inert_on_policy),
     Claim("off-policy clipped-surrogate gradient", "PPO clip, eq. 3", clipped_gradient_off_policy),
     *[Claim(f"{lt} normaliser", "TRL 1.16 aggregation", normaliser(lt)) for lt in LOSS_TYPES],
+    Claim("beta = 0: a row with A = 0 has gradient 0", "every surrogate is linear in A", zero_advantage_rows,
+          tolerance=0.0),
     Claim("k1 on-policy: gradient 0 in expectation", "Schulman k1", kl_claim("k1", False, "zero")),
     Claim("k2 on-policy: grad KL(pi_theta||pi_ref)", "reverse KL", kl_claim("k2", False, "reverse")),
     Claim("k3 on-policy: grad KL(pi_ref||pi_theta)", "eq. 4 in the loss = forward KL",
