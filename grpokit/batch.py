@@ -41,6 +41,10 @@ class Batch:
     tis_weights: torch.Tensor | None = None
     """(N, C) or (N, 1) truncated importance weights min(pi_old / pi_sampler, tis_cap), constants multiplying
     each token's surrogate (``grpokit.mismatch``); ``None`` when ``tis`` is off."""
+    sampling_entropy: torch.Tensor | None = None
+    """(N, C) the policy's entropy at each completion token as the sampler recorded it; set only when the
+    rollout feeds a single optimizer step (the sampler's weights are then the updated policy's), for the rows
+    that need no training forward (``GRPOTrainer.micro_batches``)."""
 
     def __len__(self) -> int:
         return self.prompt_ids.size(0)

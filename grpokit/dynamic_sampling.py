@@ -126,7 +126,7 @@ def concat(parts: list[Sampled], pad_id: int) -> Sampled:
 
 def cat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
     """Rollouts of different widths as one: prompts left-padded, completions right-padded to the widest, ids
-    with ``pad_id`` (the tokenizer's), masks and sampling log-probs with 0."""
+    with ``pad_id`` (the tokenizer's), masks, sampling log-probs and entropies with 0."""
     P = max(r.prompt_ids.size(1) for r in rollouts)
     C = max(r.completion_ids.size(1) for r in rollouts)
     pad = pad_id
@@ -138,6 +138,8 @@ def cat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
         is_truncated=torch.cat([r.is_truncated for r in rollouts]),
         sampling_logps=torch.cat([_pad(r.sampling_logps, C, 0.0, left=False) for r in rollouts]),
         texts=[t for r in rollouts for t in r.texts],
+        sampling_entropy=None if any(r.sampling_entropy is None for r in rollouts) else
+        torch.cat([_pad(r.sampling_entropy, C, 0.0, left=False) for r in rollouts]),
     )
 
 
@@ -154,7 +156,8 @@ def _select_rollout(rollout: Rollout, rows: list[int]) -> Rollout:
     return Rollout(prompt_ids=rollout.prompt_ids[index], prompt_mask=rollout.prompt_mask[index],
                    completion_ids=rollout.completion_ids[index], completion_mask=rollout.completion_mask[index],
                    is_truncated=rollout.is_truncated[index], sampling_logps=rollout.sampling_logps[index],
-                   texts=[rollout.texts[r] for r in rows])
+                   texts=[rollout.texts[r] for r in rows],
+                   sampling_entropy=None if rollout.sampling_entropy is None else rollout.sampling_entropy[index])
 
 
 def _select_record(record, rows: list[int]):

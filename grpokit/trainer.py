@@ -249,6 +249,8 @@ class GRPOTrainer:
             policy_logps = self.frozen_logps(self.parallel.policy, batch)  # (N, C)
             if args.steps_per_generation_cycle > 1:
                 batch.old_logps = policy_logps
+        if args.steps_per_generation_cycle == 1:  # the policy the one update starts from sampled this rollout
+            batch.sampling_entropy = rollout.sampling_entropy
         if self.parallel.reference is not None and args.beta > 0:
             batch.ref_logps = self.frozen_logps(self.parallel.reference, batch)
         if args.kl_in_reward:  # -beta * sum_{s>=t} sg(k1_s) per token: the sequence KL's exact gradient
@@ -320,10 +322,17 @@ class GRPOTrainer:
         for i, (micro, backward) in enumerate(micro_batches):
             # DDP: all-reduce once per step
             with self.parallel.grad_sync(last=i == last), torch.set_grad_enabled(backward):
-                logps, entropy = self.parallel.policy(
-                    micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask,
-                    temperature=self.args.temperature, chunk_size=self.args.logprob_chunk_size, return_entropy=True,
-                )  # (n, C) each
+                if not backward and micro.old_logps is None and micro.sampling_entropy is not None:
+                    # on-policy, a row's loss (0) and ratios (1) do not depend on its log-probs, and the sampler
+                    # recorded its entropy under these same weights: no forward at all
+                    entropy = micro.sampling_entropy
+                    logps = torch.zeros_like(entropy)
+                else:
+                    logps, entropy = self.parallel.policy(
+                        micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask,
+                        temperature=self.args.temperature, chunk_size=self.args.logprob_chunk_size,
+                        return_entropy=True,
+                    )  # (n, C) each
                 out = grpo_loss(logps, micro.advantages, micro.loss_mask, old_logps=micro.old_logps,
                                 ref_logps=micro.ref_logps, config=self.loss_config, totals=totals,
                                 token_weights=micro.tis_weights)
@@ -357,7 +366,9 @@ class GRPOTrainer:
 
         With no KL term, every surrogate (``grpo_loss``) is the advantage times a function of the ratio, so a row
         whose advantage is 0 on all its loss tokens (or that has no loss token) adds exactly 0 to the loss and to
-        every gradient. Those rows still run forward, without autograd, for the logged entropy and ratios. If no
+        every gradient. Those rows are not backpropagated. When the rollout feeds one optimizer step, they are not
+        even run: their ratios are 1 and the sampler recorded their entropy (``Batch.sampling_entropy``);
+        otherwise they run forward without autograd, for the logged entropy and ratios. If no
         row carries gradient, one goes through autograd anyway: every parameter then gets its zero gradient, and
         AdamW steps (moments, weight decay) exactly as it would without the skipping."""
         size = self.args.micro_batch

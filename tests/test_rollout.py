@@ -45,7 +45,7 @@ def test_incremental_logits_equal_full_forward(model, tokenizer, monkeypatch):
     prompt_ids, prompt_mask = left_pad(_prompts(tokenizer), tokenizer.pad_token_id)
     model.forward = recording_forward
     try:
-        ids, mask, _, _ = sample(model, prompt_ids, prompt_mask, max_new_tokens=6, eos_token_ids=[-1],
+        ids, mask, _, _, _ = sample(model, prompt_ids, prompt_mask, max_new_tokens=6, eos_token_ids=[-1],
                                  pad_token_id=PAD, generator=torch.Generator().manual_seed(0))
     finally:
         del model.forward
@@ -69,6 +69,20 @@ def test_sampling_logps_equal_training_logps(model, tokenizer, temperature):
                              temperature=temperature)
     m = r.completion_mask.bool()
     torch.testing.assert_close(logps[m], r.sampling_logps[m], rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 3, 0.8)])
+def test_sampling_entropy_equals_the_training_entropy(model, tokenizer, temperature, top_k, top_p):
+    """The entropy the sampler records is the training forward's: of the tempered distribution, unfiltered
+    (top-k/top-p shape only the draw), 0 after a row's EOS."""
+    r = generate(model, tokenizer, _prompts(tokenizer) * 3, max_new_tokens=8, eos_token_ids=[EOS],
+                 temperature=temperature, top_k=top_k, top_p=top_p, generator=torch.Generator().manual_seed(2))
+    _, entropy = completion_logps(model, r.prompt_ids, r.prompt_mask, r.completion_ids, r.completion_mask,
+                                  temperature=temperature, return_entropy=True)
+    m = r.completion_mask.bool()
+    assert top_k or not m.all()  # unfiltered, some rows end early (top-3 rarely draws EOS)
+    torch.testing.assert_close(r.sampling_entropy[m], entropy[m], rtol=1e-9, atol=1e-9)
+    assert (r.sampling_entropy[~m] == 0).all() and (r.sampling_entropy[m] > 0).all()
 
 
 def test_finished_rows_leave_the_batch_and_every_row_is_still_scored_right(model, tokenizer, monkeypatch):
@@ -152,16 +166,18 @@ def test_eos_masking_truncation_and_early_stop():
               [6, 6, 6, 6, 6, 6],     # never: truncated
               [EOS, 3, 3, 3, 3, 3]]   # EOS first
     model = Scripted(script)
-    ids, mask, truncated, logps = sample(model, torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.long),
-                                         max_new_tokens=4, eos_token_ids=[EOS], pad_token_id=9)
+    ids, mask, truncated, logps, _ = sample(model, torch.ones(3, 2, dtype=torch.long),
+                                            torch.ones(3, 2, dtype=torch.long), max_new_tokens=4,
+                                            eos_token_ids=[EOS], pad_token_id=9)
     assert ids.tolist() == [[5, EOS, 9, 9], [6, 6, 6, 6], [EOS, 9, 9, 9]]  # pad after EOS
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]  # through the first EOS
     assert truncated.tolist() == [False, True, False]
     assert model.calls == 4  # max_new_tokens forwards: the last token needs no forward after it
 
     done_early = Scripted([[EOS, 1, 1, 1, 1], [4, EOS, 1, 1, 1]])
-    ids, mask, truncated, _ = sample(done_early, torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long),
-                                     max_new_tokens=5, eos_token_ids=[EOS], pad_token_id=9)
+    ids, mask, truncated, _, _ = sample(done_early, torch.ones(2, 1, dtype=torch.long),
+                                        torch.ones(2, 1, dtype=torch.long), max_new_tokens=5, eos_token_ids=[EOS],
+                                        pad_token_id=9)
     assert ids.shape == (2, 2) and done_early.calls == 2 and not truncated.any()  # stopped once all rows ended
 
 

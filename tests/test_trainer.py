@@ -107,6 +107,27 @@ def test_zero_advantage_rows_skip_the_backward_and_the_update_is_the_same(tmp_pa
     assert expected_metrics[1]["ratio_mean"] != 1.0
 
 
+def test_on_policy_rows_without_advantage_are_not_even_run(tmp_path):
+    """One update per rollout: rows with advantage 0 get no forward; the logged entropy (the sampler's for
+    them) and every other metric and parameter match the all-rows update (float64)."""
+    results = []
+    for skip in (False, True):
+        trainer = make_trainer(tmp_path / str(skip), dtype="float64", skip_zero_advantage=skip)
+        batch = zero_some_advantages(trainer.rollout()[0], [0, 1, 2, 3, 6])
+        assert batch.sampling_entropy is not None and batch.old_logps is None
+        rows = []
+        policy = trainer.parallel.policy
+        trainer.parallel.policy = lambda *a, **k: rows.append(a[0].size(0)) or policy(*a, **k)
+        metrics = trainer.update(batch)
+        assert rows == ([8] if not skip else [3])  # only the 3 rows with an advantage are run
+        results.append((params(trainer.model), metrics))
+    (expected, expected_metrics), (got, got_metrics) = results
+    for k in expected:
+        torch.testing.assert_close(got[k], expected[k], rtol=0, atol=1e-13)
+    for name in ("loss", "entropy", "ratio_mean", "clip_ratio", "grad_norm"):
+        assert math.isclose(got_metrics[name], expected_metrics[name], rel_tol=1e-9, abs_tol=1e-12), name
+
+
 def test_a_rollout_without_advantage_still_steps_adamw_as_usual(tmp_path):
     """All advantages 0: one row still runs through autograd, so every parameter gets its zero gradient and
     AdamW's moments and weight decay act as without the skipping (a step after a real one moves the weights)."""

@@ -38,6 +38,9 @@ class Rollout:
     the KV-cache path; 0 on padding. Diagnostics only: the loss recomputes log-probs with a full forward."""
     texts: list[str]
     """B decoded completions (special tokens skipped, so no EOS)."""
+    sampling_entropy: torch.Tensor | None = None
+    """(B, C) entropy of that distribution at each completion token, 0 on padding (``None`` where a rollout
+    was built without it). The trainer logs it for rows that need no training forward (``skip_zero_advantage``)."""
 
     @property
     def num_tokens(self) -> int:
@@ -132,13 +135,13 @@ def sample(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample up to ``max_new_tokens`` tokens per row of a left-padded batch.
 
     Returns ``completion_ids`` (B, C), ``completion_mask`` (B, C), ``is_truncated`` (B,), ``sampling_logps``
-    (B, C). Stops as soon as every row has emitted an EOS; tokens after a row's EOS are the pad id. Once an
-    eighth of the rows still in the batch have finished, the lean decoder drops them (``keep``), so short
-    completions stop costing while long ones go on.
+    (B, C) and ``sampling_entropy`` (B, C) (both 0 after a row's EOS). Stops as soon as every row has emitted an
+    EOS; tokens after a row's EOS are the pad id. Once an eighth of the rows still in the batch have finished,
+    the lean decoder drops them (``keep``), so short completions stop costing while long ones go on.
     """
     B, device = prompt_ids.size(0), prompt_ids.device
     eos = torch.as_tensor(list(eos_token_ids), device=device)
@@ -147,16 +150,20 @@ def sample(
     completion_ids = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
     sampling_logps = torch.zeros(B, max_new_tokens, dtype=torch.promote_types(logits.dtype, torch.float32),
                                  device=device)
+    sampling_entropy = torch.zeros_like(sampling_logps)
     rows = None  # the batch's rows among the B: all of them (None) until ``keep`` drops some
     done = torch.zeros(B, dtype=torch.bool, device=device)  # of the batch's rows
     finished, length = 0, max_new_tokens
     for step in range(max_new_tokens):
-        token, logp = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+        token, logp, entropy = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                           generator=generator)
         if finished:  # rows past their EOS get padding
             token, logp = token.masked_fill(done, pad_token_id), logp.masked_fill(done, 0.0)  # (b,)
+            entropy = entropy.masked_fill(done, 0.0)
         where = slice(None) if rows is None else rows
         completion_ids[where, step] = token
         sampling_logps[where, step] = logp.to(sampling_logps.dtype)
+        sampling_entropy[where, step] = entropy.to(sampling_entropy.dtype)
         done = done | (token == eos[0] if eos.numel() == 1 else torch.isin(token, eos))
         finished = int(done.sum())
         if step == max_new_tokens - 1 or finished == done.numel():
@@ -169,9 +176,10 @@ def sample(
         logits = advance(token, step)
 
     completion_ids, sampling_logps = completion_ids[:, :length], sampling_logps[:, :length]  # (B, C)
+    sampling_entropy = sampling_entropy[:, :length]
     completion_mask = completion_mask_from_eos(completion_ids, eos_token_ids)  # (B, C)
     is_truncated = ~torch.isin(completion_ids, eos).any(-1)  # reached max_new_tokens without EOS
-    return completion_ids, completion_mask, is_truncated, sampling_logps
+    return completion_ids, completion_mask, is_truncated, sampling_logps, sampling_entropy
 
 
 def generate(
@@ -199,7 +207,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        completion_ids, completion_mask, is_truncated, sampling_logps = sample(
+        completion_ids, completion_mask, is_truncated, sampling_logps, sampling_entropy = sample(
             model, prompt_ids, prompt_mask, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
             pad_token_id=tokenizer.pad_token_id, temperature=temperature, top_k=top_k, top_p=top_p,
             generator=generator,
@@ -209,8 +217,9 @@ def generate(
     # inference-mode tensors cannot enter autograd later: clone them into normal ones
     completion_ids, completion_mask = completion_ids.clone(), completion_mask.clone()
     is_truncated, sampling_logps = is_truncated.clone(), sampling_logps.clone()
+    sampling_entropy = sampling_entropy.clone()
     kept = token_lists(completion_ids, completion_mask)
     texts = tokenizer.batch_decode(kept, skip_special_tokens=True)
     return Rollout(prompt_ids=prompt_ids, prompt_mask=prompt_mask, completion_ids=completion_ids,
                    completion_mask=completion_mask, is_truncated=is_truncated, sampling_logps=sampling_logps,
-                   texts=texts)
+                   texts=texts, sampling_entropy=sampling_entropy)

@@ -37,21 +37,27 @@ def sample_next(
     top_k: int = 0,
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Draw one token per row. logits: (B, V) raw scores of the next position.
 
-    Returns ``tokens`` (B,) and ``logps`` (B,): log-probs of the drawn tokens under log_softmax(logits / T),
-    the unfiltered tempered distribution that the loss scores (top-k/top-p shape sampling only, as in TRL).
+    Returns ``tokens`` (B,), ``logps`` (B,) and ``entropy`` (B,): the log-probs of the drawn tokens under
+    log_softmax(logits / T), the unfiltered tempered distribution that the loss scores (top-k/top-p shape
+    sampling only, as in TRL), and that distribution's entropy, as the training forward logs it.
     """
     z = tempered_logits(logits, temperature)  # (B, V)
     filtered = top_k > 0 or top_p < 1.0
     probs = torch.softmax(filter_logits(z, top_k, top_p) if filtered else z, dim=-1)  # (B, V)
     tokens = draw(probs, generator)  # (B, 1)
     if filtered:  # the loss scores the unfiltered distribution
-        logps = z.gather(-1, tokens) - torch.logsumexp(z, dim=-1, keepdim=True)  # (B, 1)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)  # (B, 1)
+        logps = z.gather(-1, tokens) - lse
+        probs = (z - lse).exp_()  # the unfiltered distribution, for its entropy
     else:
         logps = probs.gather(-1, tokens).log()  # same distribution: no second pass over V
-    return tokens.squeeze(-1), logps.squeeze(-1)
+        lse = z.gather(-1, tokens) - logps  # log-sum-exp of z, read off the drawn token
+    # H = -sum p log p = lse - sum p z: one dot product per row (no (B, V) temporary)
+    entropy = lse.squeeze(-1) - (probs.unsqueeze(1) @ z.unsqueeze(-1)).view(-1)
+    return tokens.squeeze(-1), logps.squeeze(-1), entropy
 
 
 BLOCK = 1024
