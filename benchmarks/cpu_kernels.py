@@ -17,6 +17,12 @@
    prefilled once (``generate.distinct_rows``) against every row prefilled.
 8. A rollout of the small model: norm weights and attention scale folded into the stacked weights
    (``PreparedLayer``) against not folded.
+9. The optimizer step on one rollout of the medium model whose first 4 of 8 groups are flat (advantage 0):
+   ``skip_zero_advantage`` on and off, with one update per rollout (the flat rows are not run at all) and with
+   two (they run forward without autograd).
+
+``--parts`` runs some of them: attention, projection, rollout, padding_free, rotary_select, sampler,
+zero_advantage.
 
 Each pair alternates in one process; medians of the repeats, in milliseconds.
 """
@@ -230,10 +236,49 @@ def padding_free_row(rounds: int) -> str:
             f"{ms['off']:.0f} (padded HF forward) | {ms['on'] / ms['off']:.2f} |")
 
 
+def zero_advantage_rows(rounds: int) -> list[str]:
+    from vs_trl import SCALES, build
+
+    from grpokit import GRPOConfig, GRPOTrainer
+
+    scale, rows = SCALES["medium"], []
+    for iterations, how in ((1, "one update per rollout: not run"), (2, "two updates: forward, no backward")):
+        model, tokenizer, data = build(scale)
+        args = GRPOConfig(output_dir=tempfile.mkdtemp(), seed=0, max_steps=1, learning_rate=1e-9,
+                          prompts_per_step=8, num_generations=8, max_completion_length=scale["max_len"], beta=0.0,
+                          save_steps=0, num_iterations=iterations)
+        trainer = GRPOTrainer(model, "char_match", data, args=args, tokenizer=tokenizer)
+        batch, _ = trainer.rollout()
+        batch.advantages = torch.randn(len(batch), generator=torch.Generator().manual_seed(0))
+        batch.advantages[:32] = 0.0  # 4 of the 8 groups flat
+
+        def step(skip: bool, trainer=trainer, batch=batch) -> None:
+            trainer.args.skip_zero_advantage = skip
+            trainer.update(batch)
+
+        ms = alternate({"on": lambda: step(True), "off": lambda: step(False)}, rounds, repeats=3)
+        rows.append(f"| optimizer step, medium model, 4 of 8 groups flat, {how} | {ms['on']:.0f} "
+                    f"(skip_zero_advantage) | {ms['off']:.0f} (every row backpropagated) | "
+                    f"{ms['on'] / ms['off']:.2f} |")
+    return rows
+
+
+PARTS = {
+    "attention": attention_rows,
+    "projection": lambda r: [projection_row(r)],
+    "rollout": rollout_rows,
+    "padding_free": lambda r: [padding_free_row(r)],
+    "rotary_select": lambda r: [rotary_row(r), select_row(r)],
+    "sampler": sampler_rows,
+    "zero_advantage": zero_advantage_rows,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # vs_trl's model builder
     import platform
@@ -241,9 +286,8 @@ def main() -> None:
     lines = [f"Median of {args.rounds} alternating rounds, {torch.get_num_threads()} threads "
              f"({platform.processor() or platform.machine()}), torch {torch.__version__}, float32; ms.", "",
              "| what | grpokit's choice | alternative | ratio |", "|---|---|---|---|"]
-    for part in (attention_rows, lambda r: [projection_row(r)], rollout_rows, lambda r: [padding_free_row(r)],
-                 lambda r: [rotary_row(r), select_row(r)], sampler_rows):
-        for row in part(args.rounds):
+    for name in args.parts.split(","):
+        for row in PARTS[name](args.rounds):
             print(row, flush=True)
             lines.append(row)
     table = "\n".join(lines)
