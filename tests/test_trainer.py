@@ -117,7 +117,7 @@ def test_on_policy_rows_without_advantage_are_not_even_run(tmp_path):
         assert batch.sampling_entropy is not None and batch.old_logps is None
         rows = []
         policy = trainer.parallel.policy
-        trainer.parallel.policy = lambda *a, **k: rows.append(a[0].size(0)) or policy(*a, **k)
+        trainer.parallel.policy = lambda *a, rows=rows, policy=policy, **k: rows.append(a[0].size(0)) or policy(*a, **k)
         metrics = trainer.update(batch)
         assert rows == ([8] if not skip else [3])  # only the 3 rows with an advantage are run
         results.append((params(trainer.model), metrics))
