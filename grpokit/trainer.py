@@ -320,8 +320,7 @@ class GRPOTrainer:
         micro_batches = self.micro_batches(mini)  # [(micro-batch, backpropagate it)]
         last = max(i for i, (_, backward) in enumerate(micro_batches) if backward)
         for i, (micro, backward) in enumerate(micro_batches):
-            # DDP: all-reduce once per step
-            with self.parallel.grad_sync(last=i == last), torch.set_grad_enabled(backward):
+            with self.parallel.grad_sync(last=i == last), torch.set_grad_enabled(backward):  # DDP: one all-reduce
                 if not backward and micro.old_logps is None and micro.sampling_entropy is not None:
                     # on-policy, a row's loss (0) and ratios (1) do not depend on its log-probs, and the sampler
                     # recorded its entropy under these same weights: no forward at all
@@ -368,9 +367,9 @@ class GRPOTrainer:
         whose advantage is 0 on all its loss tokens (or that has no loss token) adds exactly 0 to the loss and to
         every gradient. Those rows are not backpropagated. When the rollout feeds one optimizer step, they are not
         even run: their ratios are 1 and the sampler recorded their entropy (``Batch.sampling_entropy``);
-        otherwise they run forward without autograd, for the logged entropy and ratios. If no
-        row carries gradient, one goes through autograd anyway: every parameter then gets its zero gradient, and
-        AdamW steps (moments, weight decay) exactly as it would without the skipping."""
+        otherwise they run forward without autograd, for the logged entropy and ratios. If no row carries
+        gradient, one goes through autograd anyway: every parameter then gets its zero gradient, and AdamW steps
+        (moments, weight decay) exactly as it would without the skipping."""
         size = self.args.micro_batch
         if not self.args.skip_zero_advantage or self.loss_config.beta != 0 or self.world.world_size > 1:
             return [(m, True) for m in mini.split(size)]
