@@ -215,9 +215,11 @@ class GRPOConfig:
     ``False``: the Hugging Face forward over the padded batch. Other models always use the latter."""
     skip_zero_advantage: bool = True
     """With beta = 0, a completion whose advantage is 0 on every loss token (a group whose rewards are all
-    equal) adds exactly 0 to the loss and its gradient, so it runs without autograd: a forward for the logged
-    entropy and ratios, no backward. The update is the same up to float rounding. One process only (under
-    torchrun every row runs through autograd). ``False``: every row is backpropagated."""
+    equal) adds exactly 0 to the loss and its gradient, so it is not backpropagated. With one update per
+    rollout it is not run at all (its ratio is 1; its logged entropy is the sampler's); otherwise it runs
+    forward without autograd, for the logged entropy and ratios. The update and the metrics are the same up to
+    float rounding. One process only (under torchrun every row runs through autograd). ``False``: every row
+    is backpropagated."""
 
     # ---- several processes (torchrun; grpokit.distributed) -----------------------------------------------
     distributed: str = "ddp"
