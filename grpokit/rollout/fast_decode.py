@@ -270,8 +270,9 @@ def is_gated_mlp(module: torch.nn.Module) -> bool:
 class PreparedLayer:
     """A decoder layer as the sampler runs it, built once per rollout: its projections ``Stacked`` (``qkv``,
     ``o``, and for the Llama-family MLP ``gate_up`` and ``down``), with the weights of the two RMSNorms folded
-    into the stacked weights they feed and the attention scale folded into q's rows where that is exact in
-    float32 (fewer elementwise kernels per token: ``tests/test_fast_decode.py`` checks the logits)."""
+    into the stacked weights they feed and the attention scale folded into q's rows unless a per-head norm
+    follows q (Qwen3); the same logits up to float32 rounding, with fewer elementwise kernels per token
+    (``tests/test_fast_decode.py`` checks them against the Hugging Face forward)."""
 
     def __init__(self, layer: torch.nn.Module, batch_size: int):
         a, mlp = layer.self_attn, layer.mlp
