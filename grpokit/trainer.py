@@ -167,7 +167,8 @@ class GRPOTrainer:
                             start_step=self.step, enabled=self.world.is_main)  # TensorBoard, samples.jsonl
         steps_per_rollout_cycle = args.steps_per_generation_cycle  # mu * steps_per_rollout
         saved_at = self.step if resume_from_checkpoint else None
-        preload_plotting()  # metrics.png is drawn at the end; import matplotlib meanwhile
+        if self.world.is_main:  # rank 0 draws metrics.png at the end; it imports matplotlib meanwhile
+            preload_plotting()
         self.model.train()
         try:
             while self.step < args.max_steps:
