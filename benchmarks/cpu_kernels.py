@@ -21,8 +21,11 @@
    ``skip_zero_advantage`` on and off, with one update per rollout (the flat rows are not run at all) and with
    two (they run forward without autograd).
 
+10. One draw of 64 rows at a 151,936-token vocabulary: ``sample_next``, which records the entropy, against the
+   same draw without it.
+
 ``--parts`` runs some of them: attention, projection, rollout, padding_free, rotary_select, sampler,
-zero_advantage.
+zero_advantage, sampler_entropy.
 
 Each pair alternates in one process; medians of the repeats, in milliseconds.
 """
@@ -214,7 +217,9 @@ def sampler_rows(rounds: int) -> list[str]:
     return rows
 
 
-def padding_free_row(rounds: int) -> str:
+def medium_rollout(**config):
+    """A trainer of vs_trl's medium model (learning rate 1e-9: repeated updates leave it as it is) and one
+    rollout of it, 8 prompts x 8 completions."""
     from vs_trl import SCALES, build
 
     from grpokit import GRPOConfig, GRPOTrainer
@@ -222,9 +227,13 @@ def padding_free_row(rounds: int) -> str:
     scale = SCALES["medium"]
     model, tokenizer, data = build(scale)
     args = GRPOConfig(output_dir=tempfile.mkdtemp(), seed=0, max_steps=1, learning_rate=1e-9, prompts_per_step=8,
-                      num_generations=8, max_completion_length=scale["max_len"], beta=0.0, save_steps=0)
+                      num_generations=8, max_completion_length=scale["max_len"], beta=0.0, save_steps=0, **config)
     trainer = GRPOTrainer(model, "char_match", data, args=args, tokenizer=tokenizer)
-    batch, _ = trainer.rollout()
+    return trainer, trainer.rollout()[0]
+
+
+def padding_free_row(rounds: int) -> str:
+    trainer, batch = medium_rollout()
     policy = trainer.parallel.policy  # functools.partial(completion_logps, model, padding_free=...)
 
     def step(padding_free: bool) -> None:
@@ -237,18 +246,9 @@ def padding_free_row(rounds: int) -> str:
 
 
 def zero_advantage_rows(rounds: int) -> list[str]:
-    from vs_trl import SCALES, build
-
-    from grpokit import GRPOConfig, GRPOTrainer
-
-    scale, rows = SCALES["medium"], []
+    rows = []
     for iterations, how in ((1, "one update per rollout: not run"), (2, "two updates: forward, no backward")):
-        model, tokenizer, data = build(scale)
-        args = GRPOConfig(output_dir=tempfile.mkdtemp(), seed=0, max_steps=1, learning_rate=1e-9,
-                          prompts_per_step=8, num_generations=8, max_completion_length=scale["max_len"], beta=0.0,
-                          save_steps=0, num_iterations=iterations)
-        trainer = GRPOTrainer(model, "char_match", data, args=args, tokenizer=tokenizer)
-        batch, _ = trainer.rollout()
+        trainer, batch = medium_rollout(num_iterations=iterations)
         batch.advantages = torch.randn(len(batch), generator=torch.Generator().manual_seed(0))
         batch.advantages[:32] = 0.0  # 4 of the 8 groups flat
 
@@ -263,6 +263,25 @@ def zero_advantage_rows(rounds: int) -> list[str]:
     return rows
 
 
+def sampler_entropy_row(rounds: int) -> str:
+    """One draw of 64 rows at V = 151,936: ``sample_next`` (token, log-prob and the entropy it records) against
+    the same draw without the entropy (its code before the entropy was added)."""
+    from grpokit.rollout.sampling import draw, sample_next
+
+    logits = torch.randn(64, 151_936, generator=torch.Generator().manual_seed(0)) * 3
+    generator = torch.Generator().manual_seed(0)
+
+    def without_entropy() -> None:
+        probs = torch.softmax(logits, dim=-1)
+        tokens = draw(probs, generator)
+        probs.gather(-1, tokens).log()
+
+    ms = alternate({"with": lambda: sample_next(logits, generator=generator), "without": without_entropy},
+                   rounds, repeats=20)
+    return (f"| draw of 64 rows, V = 151,936 | {ms['with']:.1f} (sample_next, entropy recorded) | "
+            f"{ms['without']:.1f} (no entropy) | {ms['with'] / ms['without']:.2f} |")
+
+
 PARTS = {
     "attention": attention_rows,
     "projection": lambda r: [projection_row(r)],
@@ -271,6 +290,7 @@ PARTS = {
     "rotary_select": lambda r: [rotary_row(r), select_row(r)],
     "sampler": sampler_rows,
     "zero_advantage": zero_advantage_rows,
+    "sampler_entropy": lambda r: [sampler_entropy_row(r)],
 }
 
 

@@ -3,7 +3,8 @@
 Each run is a fresh subprocess (so peak RSS is the run's own); runs alternate grpokit, TRL, grpokit, TRL...
 and the table reports the median ``train()`` wall time of each, their ratio, completion tokens per second,
 peak RSS, the final reward, and where the time went (generation, scoring, no-grad log-prob forwards, the
-optimizer step's forward+backward, other).
+optimizer step's forward+backward, other), and the share of flat groups (each library's own metric:
+``frac_zero_std_groups``, ``frac_reward_zero_std``).
 
     python benchmarks/vs_trl.py                      # all scales, 3 alternating repeats each
     python benchmarks/vs_trl.py --scales small --repeats 1
@@ -105,7 +106,7 @@ def run_grpokit(scale: dict, out_dir: str) -> dict:
     tokens = sum(row["completion_length"] * PROMPTS * GENERATIONS for row in history)
     rewards = [row["reward"] for row in history]
     return dict(wall=wall, tokens=tokens, reward_first=rewards[0], reward_last=_tail_mean(rewards),
-                parts=dict(timers.total))
+                flat=_mean([row["frac_zero_std_groups"] for row in history]), parts=dict(timers.total))
 
 
 def run_trl(scale: dict, out_dir: str) -> dict:
@@ -133,12 +134,16 @@ def run_trl(scale: dict, out_dir: str) -> dict:
     tokens = sum(h["completions/mean_length"] * PROMPTS * GENERATIONS for h in logs)
     rewards = [h["reward"] for h in logs]
     return dict(wall=wall, tokens=tokens, reward_first=rewards[0], reward_last=_tail_mean(rewards),
-                parts=dict(timers.total))
+                flat=_mean([h["frac_reward_zero_std"] for h in logs]), parts=dict(timers.total))
 
 
 def _tail_mean(values: list[float], n: int = 10) -> float:
-    tail = [v for v in values[-n:] if v is not None]
-    return sum(tail) / max(len(tail), 1)
+    return _mean(values[-n:])
+
+
+def _mean(values: list[float | None]) -> float:
+    kept = [v for v in values if v is not None]
+    return sum(kept) / max(len(kept), 1)
 
 
 def worker(lib: str, scale_name: str) -> None:
@@ -184,6 +189,7 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     parts_lines = ["| scale | library | generation | scoring | logprob forwards | train step | other |",
                    "|---|---|---|---|---|---|---|"]
+    flat_lines = ["| scale | grpokit | TRL |", "|---|---|---|"]
     for scale in args.scales.split(","):
         runs = {"grpokit": [], "trl": []}
         for r in range(args.repeats):
@@ -191,11 +197,14 @@ def main() -> None:
                 res = run_once(lib, scale)
                 runs[lib].append(res)
                 print(f"{scale} #{r + 1} {lib}: {res['wall']:.2f} s, reward {res['reward_first']:.3f} -> "
-                      f"{res['reward_last']:.3f}, peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
+                      f"{res['reward_last']:.3f}, peak RSS {res['peak_rss_mb']:.0f} MB, flat groups "
+                      f"{res['flat']:.2f}", flush=True)
         med = {lib: statistics.median(x["wall"] for x in rs) for lib, rs in runs.items()}
         rss = {lib: statistics.median(x["peak_rss_mb"] for x in rs) for lib, rs in runs.items()}
         tps = {lib: statistics.median(x["tokens"] / x["wall"] for x in rs) for lib, rs in runs.items()}
         rew = {lib: statistics.median(x["reward_last"] for x in rs) for lib, rs in runs.items()}
+        flat = {lib: statistics.median(x["flat"] for x in rs) for lib, rs in runs.items()}
+        flat_lines.append(f"| {scale} | {flat['grpokit']:.2f} | {flat['trl']:.2f} |")
         lines.append(f"| {scale} | {med['grpokit']:.2f} | {med['trl']:.2f} | {med['grpokit'] / med['trl']:.3f} | "
                      f"{tps['grpokit']:.0f} | {tps['trl']:.0f} | {rss['grpokit']:.0f} | {rss['trl']:.0f} | "
                      f"{rss['grpokit'] / rss['trl']:.2f} | {rew['grpokit']:.3f} | {rew['trl']:.3f} |")
@@ -212,7 +221,9 @@ def main() -> None:
     header = (f"Median of {args.repeats} alternating runs per library, {os.cpu_count()} CPU cores "
               f"({platform.processor() or platform.machine()}), torch {torch.__version__}, CPU, float32; "
               f"{args.prompts} prompts x {GENERATIONS} completions per step.")
-    table = "\n".join([header, "", *lines, "", "Where the time goes (seconds, medians):", "", *parts_lines])
+    table = "\n".join([header, "", *lines, "", "Where the time goes (seconds, medians):", "", *parts_lines, "",
+                       "Share of flat groups (all rewards equal: advantage 0), mean over the steps, median over runs:",
+                       "", *flat_lines])
     print("\n" + table)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
