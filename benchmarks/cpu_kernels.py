@@ -2,14 +2,14 @@
 
     python benchmarks/cpu_kernels.py --out benchmarks/results/cpu_kernels.md
 
-1. Attention, forward + backward: plain ops (``fast_decode.attention`` with an additive mask) against
+1. Attention, forward + backward: plain ops (``llama.attention`` with an additive mask) against
    ``scaled_dot_product_attention``, at 36, 128 and 200 keys (``SHORT_ATTENTION`` = 128 picks between them).
 2. One (64 rows) x (256 -> 1024) projection: oneDNN's prepacked weight (``Stacked``) against ``F.linear``, with
    12 different weights in turn, so that they are not all in cache as in a decode step.
 3. A whole rollout (64 completions) with oneDNN weights from ``ONEDNN_MIN_WEIGHT`` up (the default), for no
    weight, and for every weight, on the 2-layer hidden-64 and the 6-layer hidden-256 models of ``vs_trl.py``.
 4. The optimizer step's forward + backward on one rollout of the medium model: ``padding_free`` on and off.
-5. Rotary on a (1442, 8, 64) tensor: ``fast_decode.rotary`` (roll, one fused multiply-add) against HF's
+5. Rotary on a (1442, 8, 64) tensor: ``llama.rotary`` (roll, one fused multiply-add) against HF's
    ``x * cos + rotate_half(x) * sin``.
 6. ``LlamaFamilyDecoder.select`` dropping 7 of 56 rows of the medium model's cache (25 of 36 slots written)
    against a strided copy of the written slots.
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from grpokit.rollout import fast_decode  # noqa: E402
+from grpokit.rollout import lean  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -72,8 +72,8 @@ def attention_pair(keys: int) -> dict:
     mask = causal & (torch.rand(64, 1, 1, keys) > 0.1) | torch.eye(keys, dtype=torch.bool)
     additive = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
     grad = torch.randn(64, 4, keys, 64)
-    return {"plain ops": lambda: fast_decode.attention(q, k, v, additive, 0.125).backward(grad),
-            "fused kernel": lambda: fast_decode.attention(q, k, v, mask, 0.125).backward(grad)}
+    return {"plain ops": lambda: llama.attention(q, k, v, additive, 0.125).backward(grad),
+            "fused kernel": lambda: llama.attention(q, k, v, mask, 0.125).backward(grad)}
 
 
 def attention_rows(rounds: int) -> list[str]:
@@ -94,7 +94,7 @@ def projection_row(rounds: int) -> str:
         layer.weight.data = w
         linears.append(layer)
     with torch.inference_mode():
-        stacked = [fast_decode.Stacked((layer,), 64) for layer in linears]
+        stacked = [lean.Stacked((layer,), 64) for layer in linears]
         if stacked[0].onednn is None:
             return "| 64 x (256 -> 1024) projection | oneDNN ops unavailable in this torch build | | |"
         pair = {"onednn": lambda: [s(h) for s in stacked], "linear": lambda: [F.linear(h, w) for w in weights]}
@@ -107,23 +107,23 @@ def projection_row(rounds: int) -> str:
 def rollout_pair(layers: int, hidden: int, length: int) -> dict:
     """A rollout of 64 completions with oneDNN weights from the default size up, for every weight, and for
     none (``F.linear`` only); the same seed each time, so the same completion lengths."""
-    from grpokit.demo import char_tokenizer, tiny_model
+    from grpokit.tasks.demo import char_tokenizer, tiny_model
 
-    generate_module = importlib.import_module("grpokit.rollout.generate")
+    generate_module = importlib.import_module("grpokit.rollout.decode")
     tokenizer = char_tokenizer()
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "c"}], add_generation_prompt=True,
                                            tokenize=True)
     prompt = prompt["input_ids"] if hasattr(prompt, "keys") else prompt
     model = tiny_model(tokenizer, hidden_size=hidden, num_layers=layers)
-    default = fast_decode.ONEDNN_MIN_WEIGHT
+    default = lean.ONEDNN_MIN_WEIGHT
 
     def rollout(minimum: int) -> None:
-        fast_decode.ONEDNN_MIN_WEIGHT = minimum
+        lean.ONEDNN_MIN_WEIGHT = minimum
         try:
             generate_module.generate(model, tokenizer, [prompt] * 64, max_new_tokens=length, eos_token_ids=[0],
                                      generator=torch.Generator().manual_seed(0))
         finally:
-            fast_decode.ONEDNN_MIN_WEIGHT = default
+            lean.ONEDNN_MIN_WEIGHT = default
 
     return {"default": lambda: rollout(default), "all": lambda: rollout(0), "none": lambda: rollout(2**62)}
 
@@ -133,19 +133,19 @@ def rollout_rows(rounds: int) -> list[str]:
     for layers, hidden, length in ((2, 64, 12), (6, 256, 32)):
         ms = alternate(rollout_pair(layers, hidden, length), rounds, repeats=5)
         rows.append(f"| rollout, {layers} layers, hidden {hidden}, 64 x <= {length} tokens | {ms['default']:.1f} "
-                    f"(oneDNN for weights >= {fast_decode.ONEDNN_MIN_WEIGHT}) | {ms['none']:.1f} (F.linear only); "
+                    f"(oneDNN for weights >= {lean.ONEDNN_MIN_WEIGHT}) | {ms['none']:.1f} (F.linear only); "
                     f"{ms['all']:.1f} (oneDNN for all) | {ms['default'] / ms['none']:.2f} |")
     return rows
 
 
 def rotary_row(rounds: int) -> str:
     x, cos, sin = torch.randn(1442, 8, 64), torch.randn(1442, 1, 64), torch.randn(1442, 1, 64)
-    signed = fast_decode.signed_sin(sin)
+    signed = llama.signed_sin(sin)
 
     def rotate_half(t: torch.Tensor) -> torch.Tensor:
         return torch.cat([-t[..., 32:], t[..., :32]], dim=-1)
 
-    ms = alternate({"roll": lambda: fast_decode.rotary(x, cos, signed),
+    ms = alternate({"roll": lambda: llama.rotary(x, cos, signed),
                     "rotate_half": lambda: x * cos + rotate_half(x) * sin}, rounds, repeats=100)
     return (f"| rotary, (1442, 8, 64) | {ms['roll']:.3f} (roll + addcmul) | {ms['rotate_half']:.3f} "
             f"(x * cos + rotate_half(x) * sin) | {ms['roll'] / ms['rotate_half']:.2f} |")
@@ -160,7 +160,7 @@ def select_row(rounds: int) -> str:
     def gather() -> None:
         decoder = SimpleNamespace(cache=cache, filled=filled, key_ok=torch.ones(56, 36, dtype=torch.bool),
                                   next_position=torch.zeros(56, 1, dtype=torch.long))
-        fast_decode.LlamaFamilyDecoder.select(decoder, index)
+        lean.LlamaFamilyDecoder.select(decoder, index)
 
     def strided() -> None:
         out = cache.new_empty(cache.shape[:2] + (index.numel(),) + cache.shape[3:])
@@ -173,9 +173,9 @@ def select_row(rounds: int) -> str:
 
 def sampler_pair(layers: int, hidden: int, length: int, module, name: str, replacement) -> dict:
     """A rollout of 8 prompts x 8 completions as grpokit runs it, and with ``module.name`` replaced."""
-    from grpokit.demo import char_tokenizer, tiny_model
+    from grpokit.tasks.demo import char_tokenizer, tiny_model
 
-    generate_module = importlib.import_module("grpokit.rollout.generate")
+    generate_module = importlib.import_module("grpokit.rollout.decode")
     tokenizer = char_tokenizer()
     prompts = []
     for letter in "abcdefgh":
@@ -197,7 +197,7 @@ def sampler_pair(layers: int, hidden: int, length: int, module, name: str, repla
 
 
 def sampler_rows(rounds: int) -> list[str]:
-    generate_module = importlib.import_module("grpokit.rollout.generate")
+    generate_module = importlib.import_module("grpokit.rollout.decode")
 
     def every_row(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.arange(x.size(0))
@@ -209,7 +209,7 @@ def sampler_rows(rounds: int) -> list[str]:
         rows.append(f"| rollout, 6 layers, hidden 256, 8 prompts x 8 x <= {length} tokens | {ms['grpokit']:.1f} "
                     f"(each prompt prefilled once) | {ms['alternative']:.1f} (every row prefilled) | "
                     f"{ms['grpokit'] / ms['alternative']:.2f} |")
-    ms = alternate(sampler_pair(2, 64, 12, fast_decode, "foldable", lambda norm, linears: False), rounds,
+    ms = alternate(sampler_pair(2, 64, 12, lean, "foldable", lambda norm, linears: False), rounds,
                    repeats=20)
     rows.append(f"| rollout, 2 layers, hidden 64, 8 prompts x 8 x <= 12 tokens | {ms['grpokit']:.1f} "
                 f"(norm weights, attention scale folded) | {ms['alternative']:.1f} (not folded) | "

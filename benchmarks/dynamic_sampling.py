@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/dynamic_sampling.py                  # seeds 0 1 2, 150 steps, on and off
     .venv/bin/python benchmarks/dynamic_sampling.py --seeds 0 --steps 60
 
-Task: ``grpokit.demo`` ("c" -> "cccc", graded ``char_match``, random-init 2-layer Llama, 8 prompts x 8
+Task: ``grpokit.tasks.demo`` ("c" -> "cccc", graded ``char_match``, random-init 2-layer Llama, 8 prompts x 8
 completions, lr 3e-3) with binary rewards instead: 1 when the completion is exactly the target (a random
 policy: ~1e-7), plus ``char_match`` at weight 0.1 so that the start is not flat. As the policy learns, more
 groups become all-right (flat, advantage 0); dynamic sampling (``max_sampling_rounds: 4``) replaces them.
@@ -28,8 +28,9 @@ def exact(prompts, completions, completion_ids=None, *, target, **_):
 
 
 def run(seed: int, steps: int, dynamic: bool, workdir: Path) -> tuple[list[dict], float]:
-    from grpokit.demo import char_tokenizer, demo_config, letter_task, tiny_model
-    from grpokit.trainer import GRPOTrainer
+    from grpokit.tasks.demo import char_tokenizer, letter_task, tiny_model
+    from grpokit.cli.demo import demo_config
+    from grpokit.training.trainer import GRPOTrainer
 
     tokenizer = char_tokenizer()
     config = demo_config(output_dir=str(workdir / f"{seed}-{dynamic}"), seed=seed, max_steps=steps,

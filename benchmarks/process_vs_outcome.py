@@ -1,4 +1,4 @@
-"""Process vs outcome supervision on the synthetic step task (``grpokit.step_task``), same everything else.
+"""Process vs outcome supervision on the synthetic step task (``grpokit.tasks.steps``), same everything else.
 
     .venv/bin/python benchmarks/process_vs_outcome.py                     # 3 seeds x 100 steps, four modes
     .venv/bin/python benchmarks/process_vs_outcome.py --seeds 0 --steps 50
@@ -13,7 +13,7 @@ DeepSeekMath 4.1.3) or as their sum (outcome supervision, 4.1.2):
 * ``fixed``: the completion cut at the target steps' positions, always 3 steps (``count_fixed_steps`` as
   (reward, char_end) pairs / ``count_fixed_outcome``).
 
-Model: the random-init Llama of ``grpokit.demo`` (2 layers, hidden 64); 8 prompts x 8 completions per step,
+Model: the random-init Llama of ``grpokit.tasks.demo`` (2 layers, hidden 64); 8 prompts x 8 completions per step,
 completions of at most 6 tokens. ``reward`` is the share of right steps under the run's verifier. Results:
 ``benchmarks/results/process_vs_outcome.md`` (mean over seeds of the reward at steps 1/25/50/..., each point
 the mean of the 5 steps ending there) and the curves as JSON beside it.
@@ -37,10 +37,10 @@ MODES = {"outcome_delimited": "count_outcome", "process_delimited": "count_steps
 
 
 def run(mode: str, seed: int, steps: int, lr: float, workdir: Path) -> list[float]:
-    from grpokit import step_task
+    from grpokit.tasks import steps as step_task
     from grpokit.config import GRPOConfig
-    from grpokit.demo import char_tokenizer, tiny_model
-    from grpokit.trainer import GRPOTrainer
+    from grpokit.tasks.demo import char_tokenizer, tiny_model
+    from grpokit.training.trainer import GRPOTrainer
 
     tokenizer = char_tokenizer("abcd;")
     model = tiny_model(tokenizer, seed=seed)
@@ -83,7 +83,7 @@ def main() -> None:
                       f"{times[mode][-1]:.1f} s", flush=True)
 
     points = [1] + list(range(args.every, args.steps + 1, args.every))
-    lines = ["# Process vs outcome supervision (step task \"c\" -> \"c;c;c;\", `grpokit.step_task`)", "",
+    lines = ["# Process vs outcome supervision (step task \"c\" -> \"c;c;c;\", `grpokit.tasks.steps`)", "",
              f"Share of right steps (the `reward` of every run), mean over seeds {args.seeds}; each point is the mean "
              "of the 5 steps ending there (step 1: itself). Random-init 2-layer Llama (hidden 64), character "
              f"tokenizer of \"abcd;\", 8 prompts x 8 completions, lr {args.lr:g}, max 6 completion tokens, "

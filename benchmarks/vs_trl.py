@@ -50,7 +50,7 @@ GENERATIONS, LR, SEED = 8, 3e-3, 0
 
 def build(scale: dict):
     """The shared model, tokenizer and dataset (built identically in every worker)."""
-    from grpokit.demo import char_tokenizer, letter_task, tiny_model
+    from grpokit.tasks.demo import char_tokenizer, letter_task, tiny_model
 
     tokenizer = char_tokenizer()
     model = tiny_model(tokenizer, hidden_size=scale["hidden"], num_layers=scale["layers"], seed=SEED)
@@ -86,7 +86,7 @@ class Timers:
 
 
 def run_grpokit(scale: dict, out_dir: str) -> dict:
-    import grpokit.trainer as trainer_module
+    import grpokit.training.trainer as trainer_module
     from grpokit import GRPOConfig, GRPOTrainer
 
     model, tokenizer, data = build(scale)

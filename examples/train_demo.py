@@ -12,7 +12,8 @@ import argparse
 import time
 
 from grpokit import GRPOTrainer
-from grpokit.demo import char_tokenizer, demo_config, letter_task, tiny_model
+from grpokit.tasks.demo import char_tokenizer, letter_task, tiny_model
+from grpokit.cli.demo import demo_config
 
 
 def main() -> None:

@@ -63,7 +63,7 @@ def main(argv=None) -> list[dict]:
 
     # offline: no Hub here, so the demo's random-init tiny model (saved to disk, loaded by path like a hub
     # model) and its letter task stand in; a random model never writes \boxed{}, so the reward is char_match
-    from grpokit.demo import build_demo, demo_config
+    from grpokit.cli.demo import build_demo, demo_config
 
     config = demo_config(**{"output_dir": "runs/trl_quickstart", "overwrite_output_dir": True, **changes})
     model, dataset = build_demo(config)

@@ -10,7 +10,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name):  # the trainer pulls in transformers: import it on first use only
     if name == "GRPOTrainer":
-        from grpokit.trainer import GRPOTrainer
+        from grpokit.training.trainer import GRPOTrainer
 
         return GRPOTrainer
     raise AttributeError(f"module 'grpokit' has no attribute {name!r}")

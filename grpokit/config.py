@@ -14,7 +14,7 @@ Batch shapes, per rollout (one process):
 from __future__ import annotations
 
 import dataclasses
-import difflib
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -22,14 +22,59 @@ from typing import Any
 import yaml
 
 from grpokit.losses import LossConfig
-from grpokit.modeling import DEVICE_RE
-from grpokit.peft_utils import check_peft_section
+from grpokit.util import check_bool, check_choice, check_int, check_keys, check_real, closest
+
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+PEFT_DEFAULTS: dict[str, Any] = {"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": None,
+                                 "modules_to_save": None}
+"""TRL's ``ModelConfig`` LoRA defaults. ``target_modules: None`` lets peft pick per architecture (q_proj and
+v_proj for Llama/Qwen); ``"all-linear"`` adapts every linear layer but the LM head. ``modules_to_save``: names
+of modules trained in full, as a copy beside the frozen original (e.g. ``[norm]``, or ``[embed_tokens]`` after
+adding tokens); ``None``: none."""
+
+
+def check_peft_section(section: Any) -> dict[str, Any] | None:
+    """The ``peft`` config field, validated and completed with ``PEFT_DEFAULTS`` (``None`` stays ``None``).
+    Every error names the key, e.g. ``peft.r must be an integer >= 1, got 0``."""
+    if section is None:
+        return None
+    if not isinstance(section, dict):
+        raise ValueError(f"peft must be a mapping like {{r: 16, alpha: 32, dropout: 0.05, target_modules: null}} "
+                         f"or null, got {section!r}")
+    for key in section:
+        if key not in PEFT_DEFAULTS:
+            hint = closest(str(key), list(PEFT_DEFAULTS))
+            raise ValueError(f"unknown peft key {key!r}" + (f"; did you mean {hint!r}?" if hint else "")
+                             + f" (keys: {', '.join(PEFT_DEFAULTS)})")
+    out = {**PEFT_DEFAULTS, **section}
+    r, alpha, dropout, targets = out["r"], out["alpha"], out["dropout"], out["target_modules"]
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise ValueError(f"peft.r must be an integer >= 1, got {r!r}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f"peft.alpha must be a number > 0, got {alpha!r}")
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise ValueError(f"peft.dropout must be a number in [0, 1), got {dropout!r}")
+    if targets is not None and not isinstance(targets, str):
+        if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) for t in targets):
+            raise ValueError(f"peft.target_modules must be null, 'all-linear' or a list of module names, "
+                             f"got {targets!r}")
+        targets = list(targets)
+    saved = out["modules_to_save"]
+    if saved is not None:
+        if not isinstance(saved, (list, tuple)) or not saved or not all(isinstance(t, str) for t in saved):
+            raise ValueError(f"peft.modules_to_save must be null or a list of module names, got {saved!r}")
+        saved = list(saved)
+    return {"r": r, "alpha": alpha, "dropout": float(dropout), "target_modules": targets, "modules_to_save": saved}
+
+
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
 SCALE_REWARDS = ("group", "batch", "none")
 REPORT_TO = ("none", "jsonl", "tensorboard")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 DISTRIBUTED = ("ddp", "fsdp")
+ROLLOUT_ENGINES = ("auto", "lean", "hf", "vllm")
+"""``rollout_engine`` values: the keys of ``grpokit.rollout.ENGINES`` (a test holds them equal)."""
 
 
 @dataclass
@@ -55,7 +100,7 @@ class GRPOConfig:
     """Recompute activations in the backward pass instead of storing them: less memory for roughly a third
     more compute per update (TRL defaults to ``True``). The KV cache (``use_cache``) is off while training."""
     peft: dict[str, Any] | None = None
-    """LoRA adapters (``grpokit.peft_utils``): a mapping of ``r`` (16), ``alpha`` (32), ``dropout`` (0.05),
+    """LoRA adapters (``grpokit.models.lora``): a mapping of ``r`` (16), ``alpha`` (32), ``dropout`` (0.05),
     ``target_modules`` (``null``: peft's choice for the architecture; ``all-linear``; or a list of module
     names) and ``modules_to_save`` (modules trained in full, e.g. ``[model.norm]``; ``null``); ``{}`` takes
     every default. Only these train; pi_ref (beta > 0) is the base model with the adapters disabled, not a
@@ -112,6 +157,30 @@ class GRPOConfig:
     top_k: int = 0
     """Keep only the k most likely tokens when sampling; 0 disables. Sampling only (as TRL)."""
 
+    rollout_engine: str = "auto"
+    """What samples the completions (``grpokit.rollout``): ``lean`` (grpokit's Llama-family decoder over the
+    training weights: the fastest for small models on a CPU), ``hf`` (any Hugging Face causal LM, through its
+    own forward), ``vllm`` (vLLM in this process, with its own copy of the weights, pushed before each rollout
+    when they changed: the engine for real models; ``pip install grpokit[vllm]``), or ``auto`` (``lean`` where
+    it applies, else ``hf``)."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """``rollout_engine: vllm`` on CUDA: the share of GPU memory vLLM may take for its weights and KV cache
+    (TRL's name and default)."""
+    vllm_max_model_length: int | None = None
+    """``rollout_engine: vllm``: the longest prompt + completion vLLM plans for. ``None``: the longest prompt
+    (``max_prompt_length``, else the model's limit) plus ``max_completion_length``."""
+    vllm_tensor_parallel_size: int = 1
+    """``rollout_engine: vllm``: GPUs each engine spans (tensor parallelism)."""
+    vllm_enable_sleep_mode: bool = False
+    """``rollout_engine: vllm`` on CUDA: free vLLM's weights and KV cache after each rollout and take them back
+    before the next, so that training gets that memory (TRL's name). Not available on a CPU."""
+    vllm_kv_cache_gb: float | None = None
+    """``rollout_engine: vllm`` on a CPU: GiB of memory for vLLM's KV cache (its ``VLLM_CPU_KVCACHE_SPACE``).
+    ``None``: 1 GiB, ample for CPU-sized models."""
+    vllm_enforce_eager: bool | None = None
+    """``rollout_engine: vllm``: run without CUDA graphs / compilation (faster start, slower decoding).
+    ``None``: eager on a CPU, graphs on CUDA."""
+
     # ---- loss (grpokit.losses.LossConfig) ----------------------------------------------------------------
     loss_type: str = "grpo"
     """``grpo`` (the paper: mean over each completion's tokens, then over completions), ``bnpo``,
@@ -149,14 +218,14 @@ class GRPOConfig:
     ``scale_rewards`` applies), ``rloo`` (leave-one-out baseline, unbiased) or ``dr_grpo`` (centred, unscaled)."""
     process_supervision: bool = False
     """DeepSeekMath 4.1.3: reward functions may score each step of a completion (a number, step rewards with
-    ``step_delimiter``, (reward, char_end) pairs or ``{"steps", "ends"}``; see ``grpokit.process``); token t's
+    ``step_delimiter``, (reward, char_end) pairs or ``{"steps", "ends"}``; see ``grpokit.rewards.process``); token t's
     advantage is the sum of the group-normalised rewards of the steps ending at or after it."""
     step_delimiter: str | None = None
     """With ``process_supervision``: the text that ends a step (e.g. ``"\n"``), so that a reward function can
     return plain per-step rewards, one per delimited step. ``None``: steps carry their own character ends."""
     dynamic_sampling: bool = False
     """DAPO: drop groups whose rewards are all equal (advantage 0) and sample new prompts until
-    ``prompts_per_step`` informative groups are gathered (``grpokit.dynamic_sampling``)."""
+    ``prompts_per_step`` informative groups are gathered (``grpokit.training.dynamic_sampling``)."""
     max_sampling_rounds: int = 4
     """Most sampling rounds per rollout with ``dynamic_sampling``; if still short, flat groups fill the batch."""
     kl_in_reward: bool = False
@@ -177,7 +246,7 @@ class GRPOConfig:
     steps_per_rollout``)."""
     reward_model_update_steps: int = 0
     """Every this many optimizer steps, call ``update(samples)`` on each learned reward function (one with an
-    ``update`` method; ``grpokit.reward_model``) with the new samples plus a replay of old ones; 0: never."""
+    ``update`` method; ``grpokit.rewards.learned``) with the new samples plus a replay of old ones; 0: never."""
     reward_model_replay_fraction: float = 0.1
     """Share of replayed historical samples in each reward-model update (DeepSeekMath: 10%), in [0, 1)."""
     reward_model_buffer_size: int = 10000
@@ -211,7 +280,7 @@ class GRPOConfig:
     ``None``: ``grpokit.logprobs``'s default."""
     padding_free: bool = True
     """Llama-family models (Llama, Mistral, Qwen2, Qwen3): the training forward computes only real tokens,
-    each group's prompt once (``grpokit.packed``); the same log-probs and gradients up to float rounding.
+    each group's prompt once (``grpokit.models.packed``); the same log-probs and gradients up to float rounding.
     ``False``: the Hugging Face forward over the padded batch. Other models always use the latter."""
     skip_zero_advantage: bool = True
     """With beta = 0, a completion whose advantage is 0 on every loss token (a group whose rewards are all
@@ -221,7 +290,7 @@ class GRPOConfig:
     float rounding. One process only (under torchrun every row runs through autograd). ``False``: every row
     is backpropagated."""
 
-    # ---- several processes (torchrun; grpokit.distributed) -----------------------------------------------
+    # ---- several processes (torchrun; grpokit.training.distributed) -----------------------------------------------
     distributed: str = "ddp"
     """How the model is spread over the processes of a ``torchrun`` launch: ``ddp`` (a full replica on each,
     gradients all-reduced) or ``fsdp`` (parameters, gradients and AdamW moments sharded with FSDP2, for models
@@ -229,81 +298,82 @@ class GRPOConfig:
 
     def __post_init__(self) -> None:
         if self.epsilon is not None:
-            _check_real("epsilon", self.epsilon, low=0.0)
+            check_real("epsilon", self.epsilon, low=0.0)
             self.epsilon_low, self.epsilon = float(self.epsilon), None
-        _check_int("seed", self.seed, low=0)
-        _check_int("max_steps", self.max_steps, low=1)
+        check_int("seed", self.seed, low=0)
+        check_int("max_steps", self.max_steps, low=1)
         if not isinstance(self.device, str) or not DEVICE_RE.match(self.device):
             raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps; got {self.device!r}")
-        _check_bool("gradient_checkpointing", self.gradient_checkpointing)
-        _check_bool("padding_free", self.padding_free)
-        _check_bool("skip_zero_advantage", self.skip_zero_advantage)
+        check_bool("gradient_checkpointing", self.gradient_checkpointing)
+        check_bool("padding_free", self.padding_free)
+        check_bool("skip_zero_advantage", self.skip_zero_advantage)
         self.peft = check_peft_section(self.peft)
         if self.peft is not None and (self.log_exact_kl or self.ref_reset_steps or self.ref_sync_steps):
             raise ValueError("peft: pi_ref of a LoRA run is the base model with adapters off; log_exact_kl, "
                              "ref_reset_steps and ref_sync_steps need a separate reference model (full fine-tuning)")
-        _check_real("learning_rate", self.learning_rate, low=0.0, strict=True)
-        _check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
-        _check_int("warmup_steps", self.warmup_steps, low=0)
-        _check_real("weight_decay", self.weight_decay, low=0.0)
-        _check_real("max_grad_norm", self.max_grad_norm, low=0.0)
+        check_real("learning_rate", self.learning_rate, low=0.0, strict=True)
+        check_choice("lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        check_int("warmup_steps", self.warmup_steps, low=0)
+        check_real("weight_decay", self.weight_decay, low=0.0)
+        check_real("max_grad_norm", self.max_grad_norm, low=0.0)
         for name in ("adam_beta1", "adam_beta2"):
-            _check_real(name, getattr(self, name), low=0.0)
+            check_real(name, getattr(self, name), low=0.0)
             if getattr(self, name) >= 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        _check_real("adam_epsilon", self.adam_epsilon, low=0.0, strict=True)
+        check_real("adam_epsilon", self.adam_epsilon, low=0.0, strict=True)
 
-        _check_int("prompts_per_step", self.prompts_per_step, low=1)
-        _check_int("num_generations", self.num_generations, low=2,
+        check_int("prompts_per_step", self.prompts_per_step, low=1)
+        check_int("num_generations", self.num_generations, low=2,
                    why="GRPO's group baseline needs at least 2 completions per prompt")
-        _check_int("num_iterations", self.num_iterations, low=1)
-        _check_int("steps_per_rollout", self.steps_per_rollout, low=1)
+        check_int("num_iterations", self.num_iterations, low=1)
+        check_int("steps_per_rollout", self.steps_per_rollout, low=1)
         n = self.prompts_per_step * self.num_generations
         if n % self.steps_per_rollout:
             raise ValueError(f"steps_per_rollout={self.steps_per_rollout} must divide prompts_per_step * "
                              f"num_generations = {self.prompts_per_step} * {self.num_generations} = {n}")
         if self.micro_batch_size is not None:
-            _check_int("micro_batch_size", self.micro_batch_size, low=1)
+            check_int("micro_batch_size", self.micro_batch_size, low=1)
             if self.mini_batch_size % self.micro_batch_size:
                 raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide the mini-batch of "
                                  f"{self.mini_batch_size} completions (prompts_per_step * num_generations / "
                                  f"steps_per_rollout)")
 
         if self.max_prompt_length is not None:
-            _check_int("max_prompt_length", self.max_prompt_length, low=1)
-        _check_int("max_completion_length", self.max_completion_length, low=1)
+            check_int("max_prompt_length", self.max_prompt_length, low=1)
+        check_int("max_completion_length", self.max_completion_length, low=1)
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise ValueError(f"system_prompt must be a string or null, got {self.system_prompt!r}")
-        _check_real("temperature", self.temperature, low=0.0, strict=True)
-        _check_real("top_p", self.top_p, low=0.0, strict=True)
+        check_real("temperature", self.temperature, low=0.0, strict=True)
+        check_real("top_p", self.top_p, low=0.0, strict=True)
         if self.top_p > 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        _check_int("top_k", self.top_k, low=0)
+        check_int("top_k", self.top_k, low=0)
 
-        _check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
-        _check_bool("mask_truncated_completions", self.mask_truncated_completions)
+        check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        check_bool("mask_truncated_completions", self.mask_truncated_completions)
         if self.reward_weights is not None:
             if not isinstance(self.reward_weights, (list, tuple)) or not self.reward_weights:
                 raise ValueError(f"reward_weights must be a non-empty list of numbers, got {self.reward_weights!r}")
             for i, w in enumerate(self.reward_weights):
-                _check_real(f"reward_weights[{i}]", w, low=float("-inf"))
+                check_real(f"reward_weights[{i}]", w, low=float("-inf"))
             self.reward_weights = [float(w) for w in self.reward_weights]
 
-        _check_int("save_steps", self.save_steps, low=0)
+        check_int("save_steps", self.save_steps, low=0)
         if self.save_total_limit is not None:
-            _check_int("save_total_limit", self.save_total_limit, low=1)
-        _check_int("logging_steps", self.logging_steps, low=1)
-        _check_choice("report_to", self.report_to, REPORT_TO)
-        _check_int("log_completions_steps", self.log_completions_steps, low=0)
-        _check_choice("dtype", self.dtype, DTYPES)
+            check_int("save_total_limit", self.save_total_limit, low=1)
+        check_int("logging_steps", self.logging_steps, low=1)
+        check_choice("report_to", self.report_to, REPORT_TO)
+        check_int("log_completions_steps", self.log_completions_steps, low=0)
+        check_choice("dtype", self.dtype, DTYPES)
         if self.logprob_chunk_size is not None:
-            _check_int("logprob_chunk_size", self.logprob_chunk_size, low=1)
-        _check_choice("distributed", self.distributed, DISTRIBUTED)
+            check_int("logprob_chunk_size", self.logprob_chunk_size, low=1)
+        check_choice("distributed", self.distributed, DISTRIBUTED)
         if not isinstance(self.output_dir, (str, Path)) or not str(self.output_dir):
             raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
         self.output_dir = str(self.output_dir)
-        _check_bool("overwrite_output_dir", self.overwrite_output_dir)
+        check_bool("overwrite_output_dir", self.overwrite_output_dir)
         self._check_extensions()
+        self._check_engine()
         self.loss_config()  # LossConfig validates the loss fields and names the culprit
 
     def _check_extensions(self) -> None:
@@ -311,12 +381,12 @@ class GRPOConfig:
         from grpokit.advantages import ADVANTAGE_ESTIMATORS
         from grpokit.mismatch import TIS_LEVELS
 
-        _check_choice("advantage_estimator", self.advantage_estimator, tuple(ADVANTAGE_ESTIMATORS))
+        check_choice("advantage_estimator", self.advantage_estimator, tuple(ADVANTAGE_ESTIMATORS))
         if self.advantage_estimator != "grpo" and self.scale_rewards != "group":
             raise ValueError(f"scale_rewards applies to advantage_estimator 'grpo' only; got scale_rewards="
                              f"{self.scale_rewards!r} with advantage_estimator={self.advantage_estimator!r}")
         for name in ("process_supervision", "dynamic_sampling", "kl_in_reward", "log_exact_kl"):
-            _check_bool(name, getattr(self, name))
+            check_bool(name, getattr(self, name))
         if self.step_delimiter is not None:
             if not isinstance(self.step_delimiter, str) or not self.step_delimiter:
                 raise ValueError(f"step_delimiter must be a non-empty string or null, got {self.step_delimiter!r}")
@@ -325,13 +395,13 @@ class GRPOConfig:
         if self.process_supervision and (self.advantage_estimator != "grpo" or self.scale_rewards != "group"):
             raise ValueError("process_supervision normalises step rewards by their group's mean and std "
                              "(DeepSeekMath 4.1.3): leave advantage_estimator 'grpo' and scale_rewards 'group'")
-        _check_int("max_sampling_rounds", self.max_sampling_rounds, low=1)
+        check_int("max_sampling_rounds", self.max_sampling_rounds, low=1)
         if self.kl_in_reward and self.beta == 0:
             raise ValueError("kl_in_reward needs beta > 0 (beta is the KL coefficient in the reward)")
-        _check_int("ref_reset_steps", self.ref_reset_steps, low=0)
-        _check_int("ref_sync_steps", self.ref_sync_steps, low=0)
+        check_int("ref_reset_steps", self.ref_reset_steps, low=0)
+        check_int("ref_sync_steps", self.ref_sync_steps, low=0)
         if self.ref_sync_alpha is not None:
-            _check_real("ref_sync_alpha", self.ref_sync_alpha, low=0.0, strict=True)
+            check_real("ref_sync_alpha", self.ref_sync_alpha, low=0.0, strict=True)
             if self.ref_sync_alpha > 1 or not self.ref_sync_steps:
                 raise ValueError(f"ref_sync_alpha must be in (0, 1] and needs ref_sync_steps > 0, got "
                                  f"ref_sync_alpha={self.ref_sync_alpha!r}, ref_sync_steps={self.ref_sync_steps}")
@@ -341,20 +411,46 @@ class GRPOConfig:
             raise ValueError("give ref_reset_steps (hard resets) or ref_sync_alpha/ref_sync_steps (Polyak), not both")
         for name in ("ref_reset_steps", "ref_sync_steps"):
             value = getattr(self, name)
-            if value and value % self.steps_per_generation_cycle:
+            if value and value % self.steps_per_rollout_cycle:
                 raise ValueError(f"{name}={value} must be a multiple of num_iterations * steps_per_rollout = "
-                                 f"{self.steps_per_generation_cycle}, so that pi_ref changes between rollouts")
+                                 f"{self.steps_per_rollout_cycle}, so that pi_ref changes between rollouts")
             if value and self.beta == 0 and not self.log_exact_kl:
                 raise ValueError(f"{name} refreshes pi_ref, which is unused with beta = 0; set beta > 0 "
                                  "(or log_exact_kl: true)")
-        _check_int("reward_model_update_steps", self.reward_model_update_steps, low=0)
-        _check_real("reward_model_replay_fraction", self.reward_model_replay_fraction, low=0.0)
+        check_int("reward_model_update_steps", self.reward_model_update_steps, low=0)
+        check_real("reward_model_replay_fraction", self.reward_model_replay_fraction, low=0.0)
         if self.reward_model_replay_fraction >= 1:
             raise ValueError(f"reward_model_replay_fraction must be in [0, 1), got {self.reward_model_replay_fraction}")
-        _check_int("reward_model_buffer_size", self.reward_model_buffer_size, low=1)
+        check_int("reward_model_buffer_size", self.reward_model_buffer_size, low=1)
         if self.tis is not None:
-            _check_choice("tis", self.tis, TIS_LEVELS)
-        _check_real("tis_cap", self.tis_cap, low=0.0, strict=True)
+            check_choice("tis", self.tis, TIS_LEVELS)
+        check_real("tis_cap", self.tis_cap, low=0.0, strict=True)
+
+    def _check_engine(self) -> None:
+        """Validation of ``rollout_engine`` and the ``vllm_*`` settings."""
+        check_choice("rollout_engine", self.rollout_engine, ROLLOUT_ENGINES)
+        check_real("vllm_gpu_memory_utilization", self.vllm_gpu_memory_utilization, low=0.0, strict=True)
+        if self.vllm_gpu_memory_utilization > 1:
+            raise ValueError(f"vllm_gpu_memory_utilization must be in (0, 1], got {self.vllm_gpu_memory_utilization}")
+        if self.vllm_max_model_length is not None:
+            check_int("vllm_max_model_length", self.vllm_max_model_length, low=2)
+        check_int("vllm_tensor_parallel_size", self.vllm_tensor_parallel_size, low=1)
+        check_bool("vllm_enable_sleep_mode", self.vllm_enable_sleep_mode)
+        if self.vllm_kv_cache_gb is not None:
+            check_real("vllm_kv_cache_gb", self.vllm_kv_cache_gb, low=0.0, strict=True)
+        if self.vllm_enforce_eager is not None:
+            check_bool("vllm_enforce_eager", self.vllm_enforce_eager)
+
+    def engine_options(self) -> dict[str, Any]:
+        """The settings of the chosen ``rollout_engine`` (the ``vllm_*`` fields without their prefix, plus the
+        lengths and seed it plans with); empty for the in-process engines."""
+        if self.rollout_engine != "vllm":
+            return {}
+        return {"gpu_memory_utilization": self.vllm_gpu_memory_utilization,
+                "max_model_length": self.vllm_max_model_length, "tensor_parallel_size": self.vllm_tensor_parallel_size,
+                "enable_sleep_mode": self.vllm_enable_sleep_mode, "kv_cache_gb": self.vllm_kv_cache_gb,
+                "enforce_eager": self.vllm_enforce_eager, "max_prompt_length": self.max_prompt_length,
+                "max_completion_length": self.max_completion_length, "seed": self.seed}
 
     # ---- derived quantities ------------------------------------------------------------------------------
 
@@ -374,7 +470,7 @@ class GRPOConfig:
         return self.mini_batch_size if self.micro_batch_size is None else self.micro_batch_size
 
     @property
-    def steps_per_generation_cycle(self) -> int:
+    def steps_per_rollout_cycle(self) -> int:
         """Optimizer steps fed by one rollout: num_iterations * steps_per_rollout."""
         return self.num_iterations * self.steps_per_rollout
 
@@ -439,21 +535,6 @@ def field_docs() -> dict[str, str]:
     return docs
 
 
-def closest(name: str, choices: tuple[str, ...] | list[str]) -> str | None:
-    """The valid name closest to a misspelt one (difflib), or None when nothing is close."""
-    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-    return match[0] if match else None
-
-
-def check_keys(data: dict[str, Any], valid: tuple[str, ...] | list[str]) -> None:
-    """ValueError for the first key of ``data`` not in ``valid``, suggesting the closest valid one."""
-    for key in data:
-        if key not in valid:
-            hint = closest(str(key), valid)
-            suggestion = f"; did you mean {hint!r}?" if hint else "; see `grpokit train --help` for the fields"
-            raise ValueError(f"unknown config key {key!r}{suggestion}")
-
-
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -490,25 +571,3 @@ def _coerce_number(cls: type, name: str, value: Any) -> Any:
     return value
 
 
-def _check_int(name: str, value: object, *, low: int, why: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        extra = f" ({why})" if why else ""
-        raise ValueError(f"{name} must be an integer >= {low}{extra}, got {value!r}")
-
-
-def _check_real(name: str, value: object, *, low: float, strict: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-    ok = ok and abs(value) != float("inf") and (value > low if strict else value >= low)
-    if not ok:
-        bound = "" if low == float("-inf") else f" {'>' if strict else '>='} {low}"
-        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be true or false, got {value!r}")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, fields, replace
 import torch
 
 from grpokit.kl import KL_ESTIMATORS, kl_penalty
+from grpokit.util import check_choice, check_real
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
@@ -61,18 +62,18 @@ class LossConfig:
     """SAPO gate temperature for zero or negative advantages."""
 
     def __post_init__(self) -> None:
-        _check_choice("loss_type", self.loss_type, LOSS_TYPES)
-        _check_choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
-        _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        _check_number("beta", self.beta, low=0.0)
-        _check_number("epsilon_low", self.epsilon_low, low=0.0)
+        check_choice("loss_type", self.loss_type, LOSS_TYPES)
+        check_choice("importance_sampling_level", self.importance_sampling_level, IMPORTANCE_SAMPLING_LEVELS)
+        check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check_real("beta", self.beta, low=0.0)
+        check_real("epsilon_low", self.epsilon_low, low=0.0)
         if self.epsilon_low >= 1.0 and self.loss_type != "cispo":
             raise ValueError(f"epsilon_low must be < 1 (the lower clip bound 1 - epsilon_low must stay positive), "
                              f"got {self.epsilon_low}")
         if self.epsilon_high is not None:
-            _check_number("epsilon_high", self.epsilon_high, low=0.0)
+            check_real("epsilon_high", self.epsilon_high, low=0.0)
         if self.delta is not None:
-            _check_number("delta", self.delta, low=0.0)
+            check_real("delta", self.delta, low=0.0)
             if self.delta <= 1.0 + self.eps_high:
                 raise ValueError(f"delta must be > 1 + epsilon_high = {1 + self.eps_high}, got {self.delta}")
         if self.max_completion_length is not None and (
@@ -80,8 +81,8 @@ class LossConfig:
             or self.max_completion_length < 1
         ):
             raise ValueError(f"max_completion_length must be a positive integer, got {self.max_completion_length!r}")
-        _check_number("sapo_temperature_pos", self.sapo_temperature_pos, low=0.0, strict=True)
-        _check_number("sapo_temperature_neg", self.sapo_temperature_neg, low=0.0, strict=True)
+        check_real("sapo_temperature_pos", self.sapo_temperature_pos, low=0.0, strict=True)
+        check_real("sapo_temperature_neg", self.sapo_temperature_neg, low=0.0, strict=True)
         if self.loss_type == "cispo" and self.eps_high < 1.0:
             warnings.warn(f"cispo caps the ratio itself at epsilon_high={self.eps_high} (< 1); values such as 5.0 "
                           "are usual", stacklevel=3)
@@ -89,18 +90,6 @@ class LossConfig:
     @property
     def eps_high(self) -> float:
         return self.epsilon_low if self.epsilon_high is None else self.epsilon_high
-
-
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def _check_number(name: str, value: object, *, low: float, strict: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-    ok = ok and (value > low if strict else value >= low) and value != float("inf")
-    if not ok:
-        raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {low}, got {value!r}")
 
 
 @dataclass

@@ -14,6 +14,10 @@ The weight is a constant (detached) factor on each token's surrogate loss, appli
 added (``grpo_loss(..., token_weights=w)``), as TRL's ``token_truncate`` / ``sequence_truncate`` modes do.
 ``log pi_sampler`` is ``Rollout.sampling_logps`` (the tempered distribution the sampler drew from, before
 top-k/top-p filtering), so TIS corrects numerical mismatch, not filtering.
+
+``mismatch_metrics`` measures the gap every rollout, whatever the engine: the largest and mean absolute
+difference of the two log-probs over the loss tokens, and a k3 estimate of KL(pi_sampler || pi_trainer) from
+the sampled tokens (with r = pi_trainer / pi_sampler, ``(r - 1) - log r``: unbiased, never negative).
 """
 
 from __future__ import annotations
@@ -45,3 +49,16 @@ def mean_weight(weights: torch.Tensor, mask: torch.Tensor) -> float:
         rows = mask.sum(-1) > 0
         return float(weights.squeeze(-1)[rows].mean()) if rows.any() else 1.0
     return float((weights * mask).sum() / mask.sum().clamp(min=1))
+
+
+def mismatch_metrics(trainer_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """``mismatch/logp_abs_max``, ``mismatch/logp_abs_mean`` and ``mismatch/kl`` over the tokens where ``mask``
+    (B, T) is 1, from the trainer's and the sampler's log-probs (B, T) of the same sampled tokens."""
+    where = mask.bool()
+    if not where.any():  # the same keys on every process, even one without loss tokens
+        return {"mismatch/logp_abs_max": 0.0, "mismatch/logp_abs_mean": 0.0, "mismatch/kl": 0.0}
+    log_ratio = (trainer_logps.detach().double() - sampling_logps.double())[where]  # (M,) log pi_trainer / pi_s
+    gap = log_ratio.abs()
+    k3 = torch.expm1(log_ratio) - log_ratio  # (r - 1) - log r, computed without cancellation
+    return {"mismatch/logp_abs_max": float(gap.max()), "mismatch/logp_abs_mean": float(gap.mean()),
+            "mismatch/kl": float(k3.mean())}

@@ -7,7 +7,7 @@ import torch
 @pytest.fixture
 def exact_norms(monkeypatch):
     """Hugging Face's RMSNorm computes in float32 even in a float64 model, in forward and in backward, so a
-    gradient summed before a norm (a prompt shared by its group in ``grpokit.packed``, one micro-batch) and one
+    gradient summed before a norm (a prompt shared by its group in ``grpokit.models.packed``, one micro-batch) and one
     summed after it differ by float32 rounding. This makes the norms of every Llama-family model compute in
     the input dtype, so that float64 comparisons can be held to float64 rounding."""
     from transformers.models.llama import modeling_llama

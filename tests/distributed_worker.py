@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-import grpokit.trainer
+import grpokit.training.trainer
 from grpokit import GRPOConfig
-from grpokit.data import left_pad
-from grpokit.demo import char_tokenizer, tiny_model
+from grpokit.training.data import left_pad
+from grpokit.tasks.demo import char_tokenizer, tiny_model
 from grpokit.rollout import Rollout, completion_mask_from_eos
 
 CHARS = "abcd"
@@ -61,14 +61,14 @@ def initial_parameters() -> dict[str, torch.Tensor]:
     return dict(tiny_model(char_tokenizer(CHARS), hidden_size=32, seed=0, dtype=torch.float64).named_parameters())
 
 
-def make_trainer(case: dict, output_dir: Path) -> grpokit.trainer.GRPOTrainer:
+def make_trainer(case: dict, output_dir: Path) -> grpokit.training.trainer.GRPOTrainer:
     tokenizer = char_tokenizer(CHARS)
     model = tiny_model(tokenizer, hidden_size=32, seed=0, dtype=torch.float64)
     fields = dict(output_dir=str(output_dir), seed=0, max_steps=2, learning_rate=1e-2, prompts_per_step=4,
                   num_generations=4, max_completion_length=5, save_steps=0, logging_steps=1000, dtype="float64",
                   max_grad_norm=0.5, overwrite_output_dir=True)
     fields.update({k: v for k, v in case.items() if k not in ("name", "resume_from", "sample")})
-    return grpokit.trainer.GRPOTrainer(model, reward, [{"prompt": p} for p in PROMPTS], args=GRPOConfig(**fields),
+    return grpokit.training.trainer.GRPOTrainer(model, reward, [{"prompt": p} for p in PROMPTS], args=GRPOConfig(**fields),
                                        tokenizer=tokenizer)
 
 
@@ -78,7 +78,7 @@ def whole_parameters(trainer) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in trainer.model.named_parameters()}
 
 
-SAMPLE = grpokit.trainer.generate
+SAMPLE = grpokit.training.trainer.generate
 
 
 def run_case(case: dict, out: Path) -> dict:
@@ -86,7 +86,7 @@ def run_case(case: dict, out: Path) -> dict:
     for real; otherwise ``fixed_generate`` stands in (the same whatever the process count)."""
     group_size = case.get("num_generations", 4)
     fixed = lambda *a, **k: fixed_generate(*a, group_size=group_size, **k)
-    grpokit.trainer.generate = SAMPLE if case.get("sample") else fixed
+    grpokit.training.trainer.generate = SAMPLE if case.get("sample") else fixed
     trainer = make_trainer(case, out / f"run-{case['name']}")
     history = trainer.train(resume_from_checkpoint=out / case["resume_from"] if "resume_from" in case else None)
     return {"params": whole_parameters(trainer), "history": history, "world_size": trainer.world.world_size}
@@ -94,7 +94,7 @@ def run_case(case: dict, out: Path) -> dict:
 
 def collectives() -> dict:
     """What ``World``'s helpers return on this process (rank r contributes r + 1)."""
-    from grpokit.distributed import init_world
+    from grpokit.training.distributed import init_world
 
     world = init_world()
     r = world.rank

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from grpokit.demo import CHARS, char_tokenizer, tiny_model
+from grpokit.tasks.demo import CHARS, char_tokenizer, tiny_model
 
 
 def save_tiny_model(folder: str | Path, chars: str = CHARS, hidden_size: int = 32) -> Path:

@@ -5,8 +5,8 @@ import torch
 
 from grpokit import GRPOConfig
 from grpokit.advantages import outcome_advantages
-from grpokit.demo import char_tokenizer, tiny_model
-from grpokit.trainer import GRPOTrainer
+from grpokit.tasks.demo import char_tokenizer, tiny_model
+from grpokit.training.trainer import GRPOTrainer
 
 
 def count_a(prompts, completions, **kwargs):

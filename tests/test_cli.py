@@ -7,7 +7,8 @@ import sys
 import pytest
 import yaml
 
-from grpokit.cli import main, parse_overrides
+from grpokit.cli import main
+from grpokit.cli.main import parse_overrides
 from tests.helpers import save_tiny_model
 
 REWARD_FILE = """

@@ -42,7 +42,7 @@ def test_validation_names_the_field(changes, field):
 
 def test_mini_and_micro_batch_arithmetic():
     c = GRPOConfig(prompts_per_step=4, num_generations=4, steps_per_rollout=2, micro_batch_size=4, num_iterations=3)
-    assert (c.rollout_size, c.mini_batch_size, c.micro_batch, c.steps_per_generation_cycle) == (16, 8, 4, 6)
+    assert (c.rollout_size, c.mini_batch_size, c.micro_batch, c.steps_per_rollout_cycle) == (16, 8, 4, 6)
     assert GRPOConfig(prompts_per_step=2, num_generations=4).micro_batch == 8
 
 

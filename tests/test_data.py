@@ -5,8 +5,8 @@ import json
 import datasets
 import pytest
 
-from grpokit.data import PromptOrder, encode_prompt, is_chat, left_pad, load_prompts
-from grpokit.demo import char_tokenizer
+from grpokit.training.data import PromptOrder, encode_prompt, is_chat, left_pad, load_prompts
+from grpokit.tasks.demo import char_tokenizer
 
 ROWS = [{"prompt": "ab", "answer": "x"}, {"prompt": "cd", "answer": "y"}, {"prompt": "ef", "answer": "z"}]
 

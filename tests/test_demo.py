@@ -2,7 +2,7 @@
 
 import pytest
 
-from grpokit.demo import run_demo
+from grpokit.cli.demo import run_demo
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""grpokit.distributed: how a rollout is split over processes, and 2 gloo processes under torchrun checked
+"""grpokit.training.distributed: how a rollout is split over processes, and 2 gloo processes under torchrun checked
 against 1 process: the same update to float64 rounding, exact resume, rank 0 alone writing files."""
 
 import json
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import grpokit.trainer
+import grpokit.training.trainer
 from grpokit import GRPOConfig
-from grpokit.distributed import World, check_batch_shape, init_world, rollout_shard, sampler_seed, shard_prompts
+from grpokit.training.distributed import World, check_batch_shape, init_world, rollout_shard, sampler_seed, shard_prompts
 from tests import distributed_worker
 from tests.helpers import save_tiny_model
 
@@ -131,7 +131,7 @@ def test_two_processes_make_the_same_updates_as_one(two_processes, case, tmp_pat
     """Same completions (fixed_generate), float64: parameters after every step of the run and each step's
     metrics agree with one process to rounding; the split, the reward gather, the global loss totals and
     DDP's / FSDP's gradient averaging change nothing else."""
-    monkeypatch.setattr(grpokit.trainer, "generate", grpokit.trainer.generate)  # restored after the test
+    monkeypatch.setattr(grpokit.training.trainer, "generate", grpokit.training.trainer.generate)  # restored after the test
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun process (OMP_NUM_THREADS=1); tiny matrices gain nothing from more
     try:

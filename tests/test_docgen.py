@@ -5,14 +5,14 @@ from pathlib import Path
 
 from grpokit import GRPOConfig
 from grpokit.cli import main
-from grpokit.docgen import render
+from grpokit.cli.docgen import render
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
 
 
 def test_configuration_md_is_up_to_date():
     assert DOC.read_text() == render(), (
-        "docs/configuration.md is stale: run `python -m grpokit.docgen > docs/configuration.md`")
+        "docs/configuration.md is stale: run `python -m grpokit.cli.docgen > docs/configuration.md`")
 
 
 def test_every_field_is_documented(capsys):

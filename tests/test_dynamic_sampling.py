@@ -1,15 +1,15 @@
-"""DAPO dynamic sampling (grpokit.dynamic_sampling): flat groups dropped, refills, the cap, re-padding; and in
+"""DAPO dynamic sampling (grpokit.training.dynamic_sampling): flat groups dropped, refills, the cap, re-padding; and in
 the trainer."""
 
 import pytest
 import torch
 
 from grpokit import GRPOConfig
-from grpokit.demo import char_tokenizer, tiny_model
-from grpokit.dynamic_sampling import Sampled, cat_rollouts, gather_informative, informative_groups
+from grpokit.tasks.demo import char_tokenizer, tiny_model
+from grpokit.training.dynamic_sampling import Sampled, cat_rollouts, gather_informative, informative_groups
 from grpokit.rewards import Scores
 from grpokit.rollout import Rollout
-from grpokit.trainer import GRPOTrainer
+from grpokit.training.trainer import GRPOTrainer
 
 G = 2
 PAD = 0
@@ -94,7 +94,7 @@ def test_trainer_keeps_only_informative_groups(tmp_path):
 def test_overlong_filtering_divides_by_the_tokens_it_keeps(tmp_path):
     """mask_truncated_completions (DAPO's overlong filtering) with a token-level loss: truncated completions
     leave the numerator *and* the denominator (TRL #6369 counted them in the latter)."""
-    from grpokit.batch import completion_logps
+    from grpokit.models.forward import completion_logps
     from grpokit.losses import grpo_loss
 
     tokenizer = char_tokenizer("abcd")

@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from grpokit import GRPOConfig
-from grpokit.checkpoint import list_checkpoints
+from grpokit.training.checkpoint import list_checkpoints
 from grpokit.cli import main
-from grpokit.demo import char_tokenizer, tiny_model
-from grpokit.guards import TrainingError
-from grpokit.trainer import GRPOTrainer, quiet_transformers
+from grpokit.tasks.demo import char_tokenizer, tiny_model
+from grpokit.training.guards import TrainingError
+from grpokit.training.trainer import GRPOTrainer, quiet_transformers
 
 REWARDS = """
 import math
@@ -182,7 +182,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_lost(run, capsys, make_args, e
 
 def test_an_earlier_run_is_refused_before_the_model_loads(run, capsys, monkeypatch):
     before = snapshot(run / "out")
-    monkeypatch.setattr("grpokit.trainer.load_policy", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr("grpokit.training.trainer.load_policy", lambda *a: pytest.fail("the model was loaded"))
     assert main(["train", "--config", str(run / "run.yaml")]) == 2
     err = capsys.readouterr().err
     assert f"output_dir '{run / 'out'}' already holds a run" in err and "--resume" in err and "--overwrite" in err
@@ -247,7 +247,7 @@ def make_trainer(folder: Path, **config) -> GRPOTrainer:
 
 
 def test_non_finite_gradient_skips_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    import grpokit.trainer as trainer_module
+    import grpokit.training.trainer as trainer_module
 
     real_loss = trainer_module.grpo_loss
     trainer = make_trainer(tmp_path)

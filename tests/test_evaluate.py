@@ -7,7 +7,7 @@ import math
 import pytest
 
 from grpokit.cli import main
-from grpokit.evaluate import pass_at_k, reported_ks
+from grpokit.training.evaluate import pass_at_k, reported_ks
 from tests.helpers import save_tiny_model
 
 REWARD_FILE = """

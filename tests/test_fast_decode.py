@@ -1,8 +1,9 @@
 import pytest
 import torch
 
-from grpokit.rollout import fast_decode
-from grpokit.rollout.generate import position_ids_from_mask
+from grpokit.models import llama
+from grpokit.rollout import lean
+from grpokit.models.llama import position_ids_from_mask
 
 
 def tiny(family: str, **extra):
@@ -28,9 +29,9 @@ def test_logits_match_the_hugging_face_forward(family, extra):
     prompt_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])  # left padding
     prompt_ids = torch.randint(0, 37, (3, 5), generator=g) * prompt_mask
     new = torch.randint(0, 37, (3, 4), generator=g)  # completion tokens fed one by one
-    assert fast_decode.supports(model, 9)
+    assert llama.supports(model, 9)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    decoder = fast_decode.LlamaFamilyDecoder(model, prompt_mask, max_new_tokens=4)
+    decoder = lean.LlamaFamilyDecoder(model, prompt_mask, max_new_tokens=4)
     with torch.inference_mode():
         got = [decoder.prefill(prompt_ids)] + [decoder.step(new[:, t], t) for t in range(3)]
         ids = torch.cat([prompt_ids, new], 1)
@@ -46,9 +47,9 @@ def test_unsupported_models_fall_back():
     import transformers
 
     gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=20, n_embd=16, n_layer=1, n_head=2))
-    assert not fast_decode.supports(gpt2, 10)
+    assert not llama.supports(gpt2, 10)
     windowed = tiny("mistral", sliding_window=4)
-    assert not fast_decode.supports(windowed, 10) and fast_decode.supports(windowed, 4)
+    assert not llama.supports(windowed, 10) and llama.supports(windowed, 4)
 
 
 @pytest.mark.parametrize("max_new_tokens", [2, 40])  # the cache gathered whole, or only its written slots
@@ -58,7 +59,7 @@ def test_select_repeats_and_drops_rows_of_the_written_cache(max_new_tokens):
     prompt_ids = torch.tensor([[0, 5, 6], [7, 8, 9], [0, 0, 4]])
     index = torch.tensor([2, 0, 0, 1, 2])
     with torch.inference_mode():
-        whole = fast_decode.LlamaFamilyDecoder(model, prompt_mask, max_new_tokens)
+        whole = lean.LlamaFamilyDecoder(model, prompt_mask, max_new_tokens)
         first = whole.prefill(prompt_ids)
         written = whole.cache[..., :whole.filled, :].clone()
         whole.select(index)
@@ -66,7 +67,7 @@ def test_select_repeats_and_drops_rows_of_the_written_cache(max_new_tokens):
         key_ok = torch.cat([prompt_mask.bool(), torch.ones(3, max_new_tokens, dtype=torch.bool)], 1)
         assert torch.equal(whole.key_ok, key_ok[index])
         # and decoding on from the selected rows matches decoding the same rows from scratch
-        direct = fast_decode.LlamaFamilyDecoder(model, prompt_mask[index], max_new_tokens)
+        direct = lean.LlamaFamilyDecoder(model, prompt_mask[index], max_new_tokens)
         torch.testing.assert_close(first[index], direct.prefill(prompt_ids[index]), rtol=0, atol=1e-5)
         token = torch.tensor([3, 1, 2, 5, 7])
         torch.testing.assert_close(whole.step(token, 0), direct.step(token, 0), rtol=0, atol=1e-5)

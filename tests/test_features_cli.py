@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from grpokit.cli import main
-from grpokit.process import score_steps
+from grpokit.rewards.process import score_steps
 from grpokit.rewards import load_reward_funcs
-from grpokit.step_task import counting_task
+from grpokit.tasks.steps import counting_task
 from tests.helpers import save_tiny_model
 
 REWARD_MODEL_FILE = """
@@ -53,7 +53,7 @@ def metrics(tmp_path):
 
 
 def test_process_dynamic_sampling_kl_in_reward_tis_and_resets(tmp_path):
-    config = write_run(tmp_path, reward_funcs=["grpokit.step_task:count_steps"], process_supervision=True,
+    config = write_run(tmp_path, reward_funcs=["grpokit.tasks.steps:count_steps"], process_supervision=True,
                        step_delimiter=";", dynamic_sampling=True, max_sampling_rounds=3, beta=0.05, kl_in_reward=True,
                        tis="token", tis_cap=2.0, ref_reset_steps=1)
     assert main(["train", "--config", str(config)]) == 0
@@ -67,7 +67,7 @@ def test_process_dynamic_sampling_kl_in_reward_tis_and_resets(tmp_path):
 
 def test_rloo_exact_kl_polyak_and_a_learned_reward(tmp_path):
     (tmp_path / "rm.py").write_text(REWARD_MODEL_FILE)
-    rewards = [f"{tmp_path / 'rm.py'}:reward_model", "grpokit.step_task:count_outcome"]
+    rewards = [f"{tmp_path / 'rm.py'}:reward_model", "grpokit.tasks.steps:count_outcome"]
     config = write_run(tmp_path, reward_funcs=rewards,
                        advantage_estimator="rloo", log_exact_kl=True, ref_sync_alpha=0.5, ref_sync_steps=1,
                        reward_model_update_steps=1, reward_model_replay_fraction=0.5, tis="sequence")
@@ -85,7 +85,7 @@ def test_soft_overlong_composes_with_process_supervision():
     if not hasattr(getattr(reasoning, "soft_overlong", None), "from_config"):
         pytest.skip("soft_overlong is not available")
     overlong = reasoning.soft_overlong.from_config(6)
-    funcs = load_reward_funcs([overlong, "grpokit.step_task:count_steps"])
+    funcs = load_reward_funcs([overlong, "grpokit.tasks.steps:count_steps"])
     texts = ["a;a;a;", "a;"]
     ids = [[7] * 6, [7] * 2]
     scores = score_steps(funcs, None, ["a"] * 2, texts, ids, {"target": ["a;a;a;"] * 2}, texts, ";")

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from grpokit.kl import exact_kl, kl_penalty
-from grpokit.verify import expected_kl_gradient, kl_gradient
+from grpokit.cli.verify import expected_kl_gradient, kl_gradient
 
 F64 = torch.float64
 
@@ -86,7 +86,7 @@ def test_kl_reward_to_go_hand_computed():
 
 
 def test_kl_in_reward_is_the_sequence_kl_gradient_and_per_token_k2_is_not():
-    from grpokit.verify import sequence_kl_gradient
+    from grpokit.cli.verify import sequence_kl_gradient
 
     g = torch.Generator().manual_seed(3)
     for _ in range(5):

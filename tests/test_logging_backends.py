@@ -8,9 +8,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from grpokit import GRPOConfig
-from grpokit.demo import char_tokenizer, tiny_model
-from grpokit.logging_backends import format_table, read_samples
-from grpokit.trainer import GRPOTrainer
+from grpokit.tasks.demo import char_tokenizer, tiny_model
+from grpokit.reporting.backends import format_table, read_samples
+from grpokit.training.trainer import GRPOTrainer
 
 
 def count_a(prompts, completions, **kwargs):

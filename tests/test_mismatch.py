@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from grpokit import GRPOConfig
-from grpokit.demo import char_tokenizer, tiny_model
+from grpokit.tasks.demo import char_tokenizer, tiny_model
 from grpokit.losses import LossConfig, grpo_loss
 from grpokit.mismatch import mean_weight, tis_weights
-from grpokit.trainer import GRPOTrainer
+from grpokit.training.trainer import GRPOTrainer
 
 F64 = torch.float64
 
@@ -47,7 +47,7 @@ def test_token_weights_scale_the_surrogate_gradient_not_the_kl(beta):
 
 def test_trainer_weights_the_loss_by_the_capped_ratio(tmp_path, monkeypatch):
     """A sampler whose log-probs are off by a known amount per row (another engine, another precision)."""
-    import grpokit.trainer as trainer_module
+    import grpokit.training.trainer as trainer_module
 
     real_generate = trainer_module.generate
     shift = torch.tensor([0.0, 0.3, -1.0, 1.5] * 2)[:, None]  # log pi_sampler - log pi_old, per row

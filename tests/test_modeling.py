@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from grpokit import GRPOConfig
-from grpokit.demo import char_tokenizer, tiny_model
-from grpokit.modeling import resolve_device
-from grpokit.trainer import GRPOTrainer
+from grpokit.tasks.demo import char_tokenizer, tiny_model
+from grpokit.models.loading import resolve_device
+from grpokit.training.trainer import GRPOTrainer
 
 
 def one_update(tmp_path, **config):

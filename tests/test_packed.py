@@ -1,4 +1,4 @@
-"""The packed, prefix-shared training forward (grpokit.packed) against the Hugging Face forward, held to
+"""The packed, prefix-shared training forward (grpokit.models.packed) against the Hugging Face forward, held to
 float64 rounding (1e-12) with the ``exact_norms`` fixture (tests/conftest.py)."""
 
 import pytest
@@ -6,8 +6,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from grpokit import packed
-from grpokit.batch import completion_logps
+from grpokit.models import packed
+from grpokit.models.forward import completion_logps
 from grpokit.logprobs import hidden_states, lm_head_of, token_logprobs
 from grpokit.rollout import position_ids_from_mask
 from tests.test_fast_decode import tiny

@@ -10,9 +10,9 @@ from transformers import AutoModelForCausalLM
 
 from grpokit import GRPOConfig
 from grpokit.cli import main
-from grpokit.demo import DEMO_LETTERS, char_tokenizer, letter_task, tiny_model
-from grpokit.peft_utils import add_lora, check_peft_section, is_peft_model
-from grpokit.trainer import GRPOTrainer
+from grpokit.tasks.demo import DEMO_LETTERS, char_tokenizer, letter_task, tiny_model
+from grpokit.models.lora import add_lora, check_peft_section, is_peft_model
+from grpokit.training.trainer import GRPOTrainer
 from tests.helpers import save_tiny_model
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}

@@ -3,7 +3,7 @@
 import json
 
 from grpokit.cli import main
-from grpokit.plot import run_labels
+from grpokit.reporting.plot import run_labels
 
 
 def write_run(folder, rewards, kl=None):

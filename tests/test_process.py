@@ -1,4 +1,4 @@
-"""Process supervision end to end (grpokit.process): the step contract, char -> token ends, token advantages,
+"""Process supervision end to end (grpokit.rewards.process): the step contract, char -> token ends, token advantages,
 and a trainer that learns the counting task from step rewards."""
 
 import math
@@ -8,11 +8,11 @@ import torch
 from tokenizers import AddedToken
 
 from grpokit import GRPOConfig
-from grpokit.demo import char_tokenizer, tiny_model
-from grpokit.process import parse_steps, score_steps, split_steps, step_advantages, token_step_ends
+from grpokit.tasks.demo import char_tokenizer, tiny_model
+from grpokit.rewards.process import parse_steps, score_steps, split_steps, step_advantages, token_step_ends
 from grpokit.rewards import RewardError, load_reward_funcs
-from grpokit.step_task import count_fixed_outcome, count_fixed_steps, count_outcome, count_steps, counting_task
-from grpokit.trainer import GRPOTrainer
+from grpokit.tasks.steps import count_fixed_outcome, count_fixed_steps, count_outcome, count_steps, counting_task
+from grpokit.training.trainer import GRPOTrainer
 
 S = math.sqrt(3) / 2  # (1 - 0.5) / std of [1, 0, 1, 0] (sample std sqrt(1/3))
 

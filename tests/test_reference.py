@@ -1,4 +1,4 @@
-"""pi_ref over a run (grpokit.reference): resets and Polyak refreshes (iterative RL), the exact KL logged live,
+"""pi_ref over a run (grpokit.training.reference): resets and Polyak refreshes (iterative RL), the exact KL logged live,
 and the KL in the reward in the trainer."""
 
 import pytest
@@ -6,12 +6,12 @@ import torch
 
 from grpokit import GRPOConfig
 from grpokit.advantages import group_advantages
-from grpokit.batch import completion_logps
-from grpokit.demo import char_tokenizer, tiny_model
+from grpokit.models.forward import completion_logps
+from grpokit.tasks.demo import char_tokenizer, tiny_model
 from grpokit.kl import exact_kl, kl_reward_to_go
-from grpokit.reference import exact_kl_metrics, sync_alpha, sync_reference
+from grpokit.training.reference import exact_kl_metrics, sync_alpha, sync_reference
 from grpokit.rollout import position_ids_from_mask
-from grpokit.trainer import GRPOTrainer
+from grpokit.training.trainer import GRPOTrainer
 
 CHARS = "abcd"
 

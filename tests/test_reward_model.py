@@ -1,12 +1,12 @@
-"""Retraining a learned reward on new samples with a replay of old ones (grpokit.reward_model), with a toy
+"""Retraining a learned reward on new samples with a replay of old ones (grpokit.rewards.learned), with a toy
 learned reward: per-character weights fitted to a verifier's label (the share of 'a')."""
 
 import pytest
 
 from grpokit import GRPOConfig
-from grpokit.demo import char_tokenizer, tiny_model
-from grpokit.reward_model import LearnedReward, ReplayBuffer, replay_count
-from grpokit.trainer import GRPOTrainer
+from grpokit.tasks.demo import char_tokenizer, tiny_model
+from grpokit.rewards.learned import LearnedReward, ReplayBuffer, replay_count
+from grpokit.training.trainer import GRPOTrainer
 
 
 class CharRewardModel:

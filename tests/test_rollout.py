@@ -6,9 +6,9 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from grpokit.batch import completion_logps
-from grpokit.data import encode_prompt, left_pad
-from grpokit.demo import char_tokenizer, tiny_model
+from grpokit.models.forward import completion_logps
+from grpokit.training.data import encode_prompt, left_pad
+from grpokit.tasks.demo import char_tokenizer, tiny_model
 from grpokit.rollout import completion_mask_from_eos, filter_logits, generate, position_ids_from_mask, sample
 
 EOS, PAD = 0, 0
@@ -32,7 +32,7 @@ def test_incremental_logits_equal_full_forward(model, tokenizer, monkeypatch):
     """Every step's next-token logits from the KV cache equal those of one no-cache forward over the whole
     left-padded sequence with mask-derived positions (the generic loop; the Llama-family decoder is checked
     the same way in test_fast_decode.py)."""
-    monkeypatch.setattr("grpokit.rollout.fast_decode.supports", lambda model, length: False)
+    monkeypatch.setattr("grpokit.rollout.lean.supports", lambda model, length: False)
     captured = []
     forward = model.forward
 
@@ -88,11 +88,11 @@ def test_sampling_entropy_equals_the_training_entropy(model, tokenizer, temperat
 def test_finished_rows_leave_the_batch_and_every_row_is_still_scored_right(model, tokenizer, monkeypatch):
     """With 64 rows and 40 tokens, enough rows end early that the decoder drops them (``keep``); the kept rows'
     later tokens, the dropped rows' padding and every sampling log-prob stay right."""
-    from grpokit.rollout import fast_decode
+    from grpokit.rollout import lean
 
     kept = []
-    keep = fast_decode.LlamaFamilyDecoder.keep
-    monkeypatch.setattr(fast_decode.LlamaFamilyDecoder, "keep", lambda self, rows: kept.append(int(rows.sum())) or
+    keep = lean.LlamaFamilyDecoder.keep
+    monkeypatch.setattr(lean.LlamaFamilyDecoder, "keep", lambda self, rows: kept.append(int(rows.sum())) or
                         keep(self, rows))
     prompts = [encode_prompt(tokenizer, p) for p in ["ab", "a much longer prompt", "x", "yz"] for _ in range(16)]
     r = generate(model, tokenizer, prompts, max_new_tokens=40, eos_token_ids=[EOS],
@@ -108,7 +108,7 @@ def test_finished_rows_leave_the_batch_and_every_row_is_still_scored_right(model
 
 
 def test_distinct_rows():
-    from grpokit.rollout.generate import distinct_rows
+    from grpokit.models.llama import distinct_rows
 
     x = torch.tensor([[5, 1, 2], [0, 1, 2], [5, 1, 2], [7, 7, 7], [0, 1, 2]])
     first, index = distinct_rows(x)
@@ -121,11 +121,11 @@ def test_distinct_rows():
 def test_a_shared_prompt_is_run_once_and_every_row_is_scored_right(model, tokenizer, monkeypatch):
     """A group's G rows share their prompt: the decoder runs each distinct prompt once, then repeats its cache;
     every row's sampling log-probs still equal the training forward's."""
-    from grpokit.rollout import fast_decode
+    from grpokit.rollout import lean
 
     rows = []
-    prefill = fast_decode.LlamaFamilyDecoder.prefill
-    monkeypatch.setattr(fast_decode.LlamaFamilyDecoder, "prefill", lambda self, ids: rows.append(ids.size(0)) or
+    prefill = lean.LlamaFamilyDecoder.prefill
+    monkeypatch.setattr(lean.LlamaFamilyDecoder, "prefill", lambda self, ids: rows.append(ids.size(0)) or
                         prefill(self, ids))
     prompts = [encode_prompt(tokenizer, p) for p in ["ab", "a much longer prompt", "x"] for _ in range(4)]
     r = generate(model, tokenizer, prompts, max_new_tokens=8, eos_token_ids=[EOS],

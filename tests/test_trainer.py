@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from grpokit import GRPOConfig
-from grpokit.checkpoint import list_checkpoints
-from grpokit.demo import char_tokenizer, tiny_model
-from grpokit.trainer import GRPOTrainer, make_scheduler
+from grpokit.training.checkpoint import list_checkpoints
+from grpokit.tasks.demo import char_tokenizer, tiny_model
+from grpokit.training.trainer import GRPOTrainer, make_scheduler
 
 CHARS = "abcd"
 

@@ -1,5 +1,5 @@
 from grpokit.cli import main
-from grpokit.verify import CLAIMS, Claim, run_verify
+from grpokit.cli.verify import CLAIMS, Claim, run_verify
 
 
 def test_verify_passes_and_prints_a_row_per_claim(capsys):
@@ -12,7 +12,7 @@ def test_verify_passes_and_prints_a_row_per_claim(capsys):
 
 def test_verify_reports_a_failing_claim(monkeypatch):
     bad = Claim("deliberately false", "test", lambda g: 1.0)
-    monkeypatch.setattr("grpokit.verify.CLAIMS", [*CLAIMS[:2], bad])
+    monkeypatch.setattr("grpokit.cli.verify.CLAIMS", [*CLAIMS[:2], bad])
     lines = []
     assert run_verify(print_fn=lines.append) == 1
     assert any("deliberately false" in line and "FAIL" in line for line in lines)

@@ -1,0 +1,287 @@
+"""A lean decoder for Llama-family models (Llama, Mistral, Qwen2, Qwen3) during sampling.
+
+Sampling calls the model once per token. For the small models GRPO is often taught and tested on, the
+Python machinery around each Hugging Face forward (cache objects, mask builders, output records, decorators)
+costs more than the arithmetic. ``LlamaFamilyDecoder`` runs the same computation from the model's own modules
+and weights — its norms, MLPs, rotary embedding and projections — with a pre-allocated KV cache, one
+attention mask, and nothing else. Per rollout, q/k/v and gate/up are stacked into one weight each and, on a
+CPU in float32, reordered for oneDNN (``Stacked``); rows that have finished leave the batch (``keep``). It is
+used only under ``torch.inference_mode`` for sampling; every log-prob that enters the loss comes from the
+training forward (``grpokit.models.packed`` or the Hugging Face model), so a difference in the last float bit
+changes which token is drawn, never what the loss scores.
+
+``tests/test_fast_decode.py`` checks its logits against the Hugging Face forward for every supported family,
+with left padding, to 1e-5. Any model it does not recognise falls back to the generic cache loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from grpokit.models.llama import (
+    attention,
+    attention_mask,
+    distinct_rows,
+    foldable,
+    fused_weight,
+    is_gated_mlp,
+    rms_norm,
+    rotary,
+    signed_sin,
+    supports,
+)
+from grpokit.models.loading import base_model
+from grpokit.rollout.decode import local_rollout
+from grpokit.rollout.engine import Rollout, SamplingParams
+from grpokit.rollout.hf import start_hf
+
+
+class LlamaFamilyDecoder:
+    """Prefill a left-padded batch of prompts, then decode one token per call, reusing a static KV cache.
+
+    Shapes: B rows, P prompt columns, L = P + max_new_tokens cache slots, H hidden, h heads of size d.
+    """
+
+    def __init__(self, model: torch.nn.Module, prompt_mask: torch.Tensor, max_new_tokens: int):
+        body = model.model
+        self.model, self.body = model, body
+        self.head = model.get_output_embeddings()
+        B, P = prompt_mask.shape
+        self.P = P
+        attn = body.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        num_kv = model.config.num_key_value_heads
+        L = P + max_new_tokens
+        dtype = body.embed_tokens.weight.dtype
+        device = prompt_mask.device
+        # every layer's keys and values in one tensor (layers, 2, B, kv, L, d): ``keep`` copies it in one op
+        self.cache = torch.zeros(len(body.layers), 2, B, num_kv, L, self.head_dim, dtype=dtype, device=device)
+        self.filled = 0  # cache slots written so far
+        # key_ok[b, j]: slot j of row b holds a real token (prompt tokens, then every generated slot)
+        self.key_ok = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(B, max_new_tokens, dtype=torch.bool)], 1)
+        self.positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P), as the training forward uses
+        self.next_position = prompt_mask.sum(-1, keepdim=True)  # (B, 1)
+        # per layer, the projections prepared once per rollout (q/k/v stacked, gate/up stacked; see Stacked)
+        self.prepared = [PreparedLayer(layer, B) for layer in body.layers]
+        self.fold_final = foldable(body.norm, (self.head,))
+        self.head_prepared = Stacked((self.head,), B, in_scale=body.norm.weight if self.fold_final else None)
+        # rotary cos/sin of every position this rollout can reach, computed once (plain RoPE only: the
+        # dynamic variants rescale with the sequence length, so they are recomputed per call)
+        self.rope_table = None
+        if getattr(body.rotary_emb, "rope_type", "default") == "default":
+            every = torch.arange(L, device=device)[None]  # (1, L)
+            cos, sin = body.rotary_emb(body.embed_tokens.weight[:1, None], every)  # 2 x (1, L, d)
+            self.rope_table = cos, signed_sin(sin)
+
+    def _rope(self, x: torch.Tensor, position_ids: torch.Tensor):
+        if self.rope_table is None:
+            cos, sin = self.body.rotary_emb(x, position_ids)
+            return cos, signed_sin(sin)
+        cos, sin = self.rope_table
+        return cos[0, position_ids], sin[0, position_ids]  # (B, n, d) each
+
+    def _layers(self, x: torch.Tensor, position_ids: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
+        """x (B, n, H) at cache slots [start, start + n) -> last hidden states (B, n, H), final norm applied.
+        ``mask``: (B, 1, n, start + n) bool, True where a query may see a key."""
+        B, n, _ = x.shape
+        mask = attention_mask(mask, x.dtype, start + n)
+        end = start + n
+        cos, sin = self._rope(x, position_ids)
+        cos, sin = cos[:, None], sin[:, None]  # (B, 1, n, d): broadcast over heads
+        d = self.head_dim
+        for i, p in enumerate(self.prepared):
+            h = rms_norm(p.input_norm, x, p.fold_input_norm)
+            heads, kv = p.heads, p.kv_heads
+            if p.qk_norm is None and p.qkv.weight is not None:  # q, k, v: views of one output; rotary on q, k
+                qkv = p.qkv.whole(h).view(B, n, heads + 2 * kv, d).transpose(1, 2)  # (B, h + 2 kv, n, d)
+                qk, v = rotary(qkv[:, :heads + kv], cos, sin), qkv[:, heads + kv:]
+            else:  # projections called one by one (LoRA), or Qwen3's per-head norms of q and k before rotary
+                q, k, v = (t.view(B, n, -1, d) for t in p.qkv(h))  # (B, n, heads, d)
+                if p.qk_norm is not None:
+                    q, k = p.qk_norm[0](q), p.qk_norm[1](k)
+                qk, v = rotary(torch.cat([q, k], 2).transpose(1, 2), cos, sin), v.transpose(1, 2)
+            q, k = qk.split([heads, kv], dim=1)
+            keys, values = self.cache[i]  # (B, kv, L, d) each
+            keys[:, :, start:end] = k
+            values[:, :, start:end] = v
+            o = attention(q, keys[:, :, :end], values[:, :, :end], mask, p.scaling)  # (B, h, n, d)
+            x = p.o.add(o.transpose(1, 2).reshape(B, n, -1), x)  # x + o_proj(o)
+            h = rms_norm(p.post_norm, x, p.fold_post_norm)
+            if p.gate_up is not None:  # the Llama-family MLP down(act(gate(h)) * up(h)), gate and up in one matmul
+                gate, up = p.gate_up(h)
+                x = p.down.add(p.act_fn(gate) * up, x)
+            else:
+                x = x + p.mlp(h)
+        self.filled = end
+        return rms_norm(self.body.norm, x, self.fold_final)
+
+    def select(self, index: torch.Tensor) -> None:
+        """The batch becomes its rows ``index`` (b,) long, in that order: a row may be dropped or repeated."""
+        if 4 * self.filled >= self.cache.size(-2):  # one contiguous gather of every slot beats a strided copy
+            self.cache = self.cache.index_select(2, index)  # 49 of 56 rows, 25 of 36 slots: 1.6 ms against 3.3
+        else:  # right after the prefill: gather only the slots written so far
+            cache = self.cache.new_empty(self.cache.shape[:2] + (index.numel(),) + self.cache.shape[3:])
+            cache[..., :self.filled, :] = self.cache[..., :self.filled, :].index_select(2, index)
+            self.cache = cache
+        self.key_ok = self.key_ok[index]
+        self.next_position = self.next_position[index]
+
+    def keep(self, rows: torch.Tensor) -> None:
+        """Drop the rows not in ``rows`` (b,) bool from the batch: rows that have finished stop costing."""
+        self.select(rows.nonzero().squeeze(1))
+
+    def prefill(self, prompt_ids: torch.Tensor) -> torch.Tensor:
+        """Runs the prompts; returns the logits (B, V) of the first completion token."""
+        P = self.P
+        causal = torch.ones(P, P, dtype=torch.bool, device=prompt_ids.device).tril()
+        # (B, 1, P, P): causal and only real keys; the diagonal keeps left-pad rows finite (they are never read)
+        mask = (causal & self.key_ok[:, None, None, :P]) | torch.eye(P, dtype=torch.bool, device=causal.device)
+        x = self.body.embed_tokens(prompt_ids)  # (B, P, H)
+        hidden = self._layers(x, self.positions, 0, mask)
+        return self.head_prepared(hidden[:, -1])[0]
+
+    def step(self, tokens: torch.Tensor, t: int) -> torch.Tensor:
+        """Feeds completion token ``t`` (B,) (0-based); returns the logits (B, V) of token t + 1."""
+        slot = self.P + t
+        x = self.body.embed_tokens(tokens[:, None])  # (B, 1, H)
+        mask = self.key_ok[:, None, None, : slot + 1]  # (B, 1, 1, slot + 1)
+        hidden = self._layers(x, self.next_position + t, slot, mask)
+        return self.head_prepared(hidden[:, -1])[0]
+
+
+ONEDNN_MIN_WEIGHT = 256 * 256
+"""Smaller weights keep ``F.linear``: on them oneDNN's per-call overhead outweighs its gain (a rollout of the
+hidden-64 model: 19.0 ms with every weight on oneDNN, 13.9 ms with none; benchmarks/cpu_kernels.py)."""
+
+
+class Stacked:
+    """Plain ``nn.Linear`` layers that read the same input, prepared once per rollout as one matmul: weights
+    stacked (q/k/v, gate/up), and on a CPU in float32 reordered into oneDNN's blocked layout, which multiplies a
+    batch of 64 rows by a (1024, 256) weight in 0.21 ms against 0.46 ms for ``F.linear`` (2 cores, weights not
+    in cache); a rollout of the 6-layer, hidden-256 model took 257 ms with it against 300 ms without
+    (benchmarks/cpu_kernels.py). Other modules (LoRA layers, quantised linears) are called one by one.
+    ``__call__(h)`` -> one output per layer."""
+
+    def __init__(self, linears, batch_size: int, in_scale: torch.Tensor | None = None,
+                 out_scale: torch.Tensor | None = None):
+        """``in_scale`` (in,) multiplies the stacked weight's columns, ``out_scale`` (out,) its rows and bias
+        (a folded norm weight, a folded attention scale); they need a stacked weight (``fused_weight``)."""
+        self.linears, self.sizes = linears, [m.out_features for m in linears]
+        self.weight = self.bias = self.onednn = None
+        stacked = fused_weight(linears)
+        if stacked is None:
+            assert in_scale is None and out_scale is None, "only a stacked weight takes folded scales"
+            return
+        self.weight, self.bias = stacked  # new tensors (torch.cat): scaled in place
+        if in_scale is not None:
+            self.weight.mul_(in_scale)
+        if out_scale is not None:
+            self.weight.mul_(out_scale[:, None])
+            self.bias = None if self.bias is None else self.bias.mul_(out_scale)
+        cpu_float32 = self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
+        if cpu_float32 and self.weight.numel() >= ONEDNN_MIN_WEIGHT and torch.backends.mkldnn.is_available():
+            try:
+                self.onednn = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_size)
+            except (AttributeError, RuntimeError):  # a torch build without these oneDNN ops
+                self.onednn = None
+
+    def __call__(self, h: torch.Tensor) -> list[torch.Tensor]:
+        if self.weight is None:
+            return [m(h) for m in self.linears]
+        return list(self.whole(h).split(self.sizes, dim=-1))
+
+    def whole(self, h: torch.Tensor) -> torch.Tensor:
+        """The stacked output, not split (a stacked weight only)."""
+        if self.onednn is None:
+            return F.linear(h, self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(h, self.onednn, self.bias, "none", [], "")
+
+    def add(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """``residual + self(h)[0]`` for one layer; with oneDNN weights the addition is fused into the matmul."""
+        if self.onednn is None:
+            return residual + self(h)[0]
+        return torch.ops.mkldnn._linear_pointwise.binary(h, residual, self.onednn, self.bias, "add")
+
+
+class PreparedLayer:
+    """A decoder layer as the sampler runs it, built once per rollout: its projections ``Stacked`` (``qkv``,
+    ``o``, and for the Llama-family MLP ``gate_up`` and ``down``), with the weights of the two RMSNorms folded
+    into the stacked weights they feed and the attention scale folded into q's rows unless a per-head norm
+    follows q (Qwen3); the same logits up to float32 rounding, with fewer elementwise kernels per token
+    (``tests/test_fast_decode.py`` checks them against the Hugging Face forward)."""
+
+    def __init__(self, layer: torch.nn.Module, batch_size: int):
+        a, mlp = layer.self_attn, layer.mlp
+        self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
+        self.heads, self.kv_heads = a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim
+        self.qk_norm = (a.q_norm, a.k_norm) if hasattr(a, "q_norm") else None
+        qkv = (a.q_proj, a.k_proj, a.v_proj)
+        self.fold_input_norm = foldable(self.input_norm, qkv)
+        self.scaling, in_scale, out_scale = a.scaling, None, None
+        if self.fold_input_norm:  # q's rows carry the attention scale too, unless a per-head norm follows them
+            in_scale = self.input_norm.weight
+            if self.qk_norm is None:
+                w = a.q_proj.weight
+                out_scale = torch.ones(sum(m.out_features for m in qkv), dtype=w.dtype, device=w.device)
+                out_scale[:a.q_proj.out_features] = a.scaling
+                self.scaling = 1.0
+        self.qkv = Stacked(qkv, batch_size, in_scale=in_scale, out_scale=out_scale)
+        self.o = Stacked((a.o_proj,), batch_size)
+        self.mlp, self.act_fn = mlp, getattr(mlp, "act_fn", None)
+        self.gate_up = self.down = None
+        self.fold_post_norm = False
+        if is_gated_mlp(mlp):
+            gate_up = (mlp.gate_proj, mlp.up_proj)
+            self.fold_post_norm = foldable(self.post_norm, gate_up)
+            self.gate_up = Stacked(gate_up, batch_size, in_scale=self.post_norm.weight if self.fold_post_norm else None)
+            self.down = Stacked((mlp.down_proj,), batch_size)
+
+
+def start_lean(model: torch.nn.Module):
+    """The ``Start`` of ``LlamaFamilyDecoder``: a group's G rows share one prompt, so each distinct prompt is
+    run once, then its cache and logits repeated."""
+
+    def start(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int):
+        first, index = distinct_rows(torch.cat([prompt_ids, prompt_mask], 1))  # (U,), (B,)
+        decoder = LlamaFamilyDecoder(model, prompt_mask[first], max_new_tokens)
+        logits = decoder.prefill(prompt_ids[first])  # (U, V)
+        if first.numel() < prompt_ids.size(0):
+            decoder.select(index)
+            logits = logits[index]
+        return logits, decoder.step, decoder.keep
+
+    return start
+
+
+class LeanEngine:
+    """``rollout_engine: lean`` (and ``auto`` for Llama-family models): ``LlamaFamilyDecoder`` over the
+    training weights, in place. ``fallback``: a model or length it does not support is sampled by the
+    generic Hugging Face loop instead (``auto``); otherwise that is an error."""
+
+    name = "lean"
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, fallback: bool = False):
+        self.model, self.tokenizer, self.fallback = model, tokenizer, fallback
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
+        model = base_model(self.model)  # a peft model samples through the model it wraps, LoRA layers included
+        length = max(len(p) for p in prompts) + params.max_new_tokens
+        if supports(model, length):
+            start = start_lean(model)
+        elif self.fallback:
+            start = start_hf(model)
+        else:
+            raise ValueError(f"rollout_engine 'lean' supports Llama-family models (llama, mistral, qwen2, qwen3) "
+                             f"without pretraining_tp or a sliding window shorter than the sequence; "
+                             f"{type(model).__name__} is not one: use rollout_engine 'auto' or 'hf'")
+        return local_rollout(model, self.tokenizer, prompts, params, start)
+
+    def sync_weights(self, model: torch.nn.Module) -> float:
+        return 0.0  # the training weights, read in place
+
+    def close(self) -> None:
+        pass

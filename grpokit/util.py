@@ -1,0 +1,63 @@
+"""Helpers shared by every layer: input checks that name the culprit, and small conversions.
+
+A leaf module: it imports nothing from grpokit, so any module may use it without creating a cycle.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable
+from typing import Any
+
+
+def closest(name: str, choices: Iterable[str]) -> str | None:
+    """The valid name closest to a misspelt one (difflib), or None when nothing is close."""
+    match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return match[0] if match else None
+
+
+def check_keys(data: dict[str, Any], valid: Iterable[str], *, what: str = "config key",
+               hint: str = "see `grpokit train --help` for the fields") -> None:
+    """ValueError for the first key of ``data`` not in ``valid``, suggesting the closest valid one."""
+    valid = list(valid)
+    for key in data:
+        if key not in valid:
+            near = closest(str(key), valid)
+            suggestion = f"; did you mean {near!r}?" if near else f"; {hint}"
+            raise ValueError(f"unknown {what} {key!r}{suggestion}")
+
+
+def check_int(name: str, value: object, *, low: int, why: str = "") -> None:
+    """ValueError unless ``value`` is an integer (not a bool) >= ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        extra = f" ({why})" if why else ""
+        raise ValueError(f"{name} must be an integer >= {low}{extra}, got {value!r}")
+
+
+def check_real(name: str, value: object, *, low: float, strict: bool = False) -> None:
+    """ValueError unless ``value`` is a finite number >= ``low`` (> with ``strict``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    ok = ok and abs(value) != float("inf") and (value > low if strict else value >= low)
+    if not ok:
+        bound = "" if low == float("-inf") else f" {'>' if strict else '>='} {low}"
+        raise ValueError(f"{name} must be a finite number{bound}, got {value!r}")
+
+
+def check_choice(name: str, value: object, choices: Iterable[str]) -> None:
+    """ValueError unless ``value`` is one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def check_bool(name: str, value: object) -> None:
+    """ValueError unless ``value`` is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be true or false, got {value!r}")
+
+
+def nan_to_none(value) -> float | None:
+    """A float (or 0-d tensor) as a JSON-friendly number: NaN becomes ``None``."""
+    value = float(value)
+    return None if math.isnan(value) else value
