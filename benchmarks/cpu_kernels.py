@@ -33,6 +33,7 @@ Each pair alternates in one process; medians of the repeats, in milliseconds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import statistics
 import sys
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from grpokit.models import llama  # noqa: E402
 from grpokit.rollout import lean  # noqa: E402
 
 
@@ -249,8 +251,9 @@ def zero_advantage_rows(rounds: int) -> list[str]:
     rows = []
     for iterations, how in ((1, "one update per rollout: not run"), (2, "two updates: forward, no backward")):
         trainer, batch = medium_rollout(num_iterations=iterations)
-        batch.advantages = torch.randn(len(batch), generator=torch.Generator().manual_seed(0))
-        batch.advantages[:32] = 0.0  # 4 of the 8 groups flat
+        advantages = torch.randn(len(batch), generator=torch.Generator().manual_seed(0))
+        advantages[:32] = 0.0  # 4 of the 8 groups flat
+        batch = dataclasses.replace(batch, advantages=advantages)
 
         def step(skip: bool, trainer=trainer, batch=batch) -> None:
             trainer.args.skip_zero_advantage = skip

@@ -28,8 +28,8 @@ def exact(prompts, completions, completion_ids=None, *, target, **_):
 
 
 def run(seed: int, steps: int, dynamic: bool, workdir: Path) -> tuple[list[dict], float]:
-    from grpokit.tasks.demo import char_tokenizer, letter_task, tiny_model
     from grpokit.cli.demo import demo_config
+    from grpokit.tasks.demo import char_tokenizer, letter_task, tiny_model
     from grpokit.training.trainer import GRPOTrainer
 
     tokenizer = char_tokenizer()

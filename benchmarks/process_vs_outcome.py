@@ -37,8 +37,8 @@ MODES = {"outcome_delimited": "count_outcome", "process_delimited": "count_steps
 
 
 def run(mode: str, seed: int, steps: int, lr: float, workdir: Path) -> list[float]:
-    from grpokit.tasks import steps as step_task
     from grpokit.config import GRPOConfig
+    from grpokit.tasks import steps as step_task
     from grpokit.tasks.demo import char_tokenizer, tiny_model
     from grpokit.training.trainer import GRPOTrainer
 

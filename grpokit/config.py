@@ -21,7 +21,9 @@ from typing import Any
 
 import yaml
 
+from grpokit.advantages import ADVANTAGE_ESTIMATORS
 from grpokit.losses import LossConfig
+from grpokit.mismatch import TIS_LEVELS
 from grpokit.util import check_bool, check_choice, check_int, check_keys, check_real, closest
 
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -378,9 +380,6 @@ class GRPOConfig:
 
     def _check_extensions(self) -> None:
         """Validation of the fields of the "beyond outcome GRPO" section."""
-        from grpokit.advantages import ADVANTAGE_ESTIMATORS
-        from grpokit.mismatch import TIS_LEVELS
-
         check_choice("advantage_estimator", self.advantage_estimator, tuple(ADVANTAGE_ESTIMATORS))
         if self.advantage_estimator != "grpo" and self.scale_rewards != "group":
             raise ValueError(f"scale_rewards applies to advantage_estimator 'grpo' only; got scale_rewards="

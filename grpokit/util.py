@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import difflib
 import math
+import random
 from collections.abc import Iterable
 from typing import Any
+
+import numpy as np
+import torch
 
 
 def closest(name: str, choices: Iterable[str]) -> str | None:
@@ -61,3 +65,10 @@ def nan_to_none(value) -> float | None:
     """A float (or 0-d tensor) as a JSON-friendly number: NaN becomes ``None``."""
     value = float(value)
     return None if math.isnan(value) else value
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's global generators."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

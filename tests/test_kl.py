@@ -3,8 +3,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from grpokit.kl import exact_kl, kl_penalty
 from grpokit.cli.verify import expected_kl_gradient, kl_gradient
+from grpokit.kl import exact_kl, kl_penalty
 
 F64 = torch.float64
 

@@ -1,14 +1,15 @@
 """Truncated importance sampling for a sampler/trainer mismatch (grpokit.mismatch, grpo_loss token_weights)."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from grpokit import GRPOConfig
-from grpokit.tasks.demo import char_tokenizer, tiny_model
 from grpokit.losses import LossConfig, grpo_loss
 from grpokit.mismatch import mean_weight, tis_weights
+from grpokit.tasks.demo import char_tokenizer, tiny_model
 from grpokit.training.trainer import GRPOTrainer
 
 F64 = torch.float64
@@ -45,24 +46,36 @@ def test_token_weights_scale_the_surrogate_gradient_not_the_kl(beta):
     torch.testing.assert_close(g_w, expected, rtol=0, atol=1e-14)
 
 
-def test_trainer_weights_the_loss_by_the_capped_ratio(tmp_path, monkeypatch):
-    """A sampler whose log-probs are off by a known amount per row (another engine, another precision)."""
-    import grpokit.training.trainer as trainer_module
+class SkewedEngine:
+    """Another engine's log-probs: the wrapped engine's, off by a known amount per row."""
 
-    real_generate = trainer_module.generate
+    name = "skewed"
+
+    def __init__(self, inner, shift: torch.Tensor):
+        self.inner, self.shift = inner, shift
+
+    def generate(self, prompts, params):
+        rollout = self.inner.generate(prompts, params)
+        skewed = (rollout.sampling_logps + self.shift) * rollout.completion_mask
+        return dataclasses.replace(rollout, sampling_logps=skewed)
+
+    def sync_weights(self, model) -> float:
+        return self.inner.sync_weights(model)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def test_trainer_weights_the_loss_by_the_capped_ratio(tmp_path):
+    """A sampler whose log-probs are off by a known amount per row (another engine, another precision)."""
     shift = torch.tensor([0.0, 0.3, -1.0, 1.5] * 2)[:, None]  # log pi_sampler - log pi_old, per row
 
-    def skewed_generate(*args, **kwargs):
-        rollout = real_generate(*args, **kwargs)
-        rollout.sampling_logps = (rollout.sampling_logps + shift) * rollout.completion_mask
-        return rollout
-
-    monkeypatch.setattr(trainer_module, "generate", skewed_generate)
     tokenizer = char_tokenizer("abcd")
     config = GRPOConfig(output_dir=str(tmp_path), max_steps=1, prompts_per_step=2, num_generations=4,
                         max_completion_length=5, tis="token", tis_cap=2.0, save_steps=0, logging_steps=1000)
     trainer = GRPOTrainer(tiny_model(tokenizer, hidden_size=32), lambda completions, **kw: [c.count("a") * 1.0
                           for c in completions], [{"prompt": p} for p in "abcd"], args=config, tokenizer=tokenizer)
+    trainer.engine = SkewedEngine(trainer.engine, shift)
     batch, metrics = trainer.rollout()
     assert batch.old_logps is None  # one step per rollout: pi_old is still sg(pi_theta) in the loss
     mask = batch.completion_mask.bool()
@@ -73,6 +86,8 @@ def test_trainer_weights_the_loss_by_the_capped_ratio(tmp_path, monkeypatch):
     assert "tis/mean_weight" in row
 
     config.tis = "sequence"
-    batch, _ = GRPOTrainer(trainer.model, lambda completions, **kw: [0.0] * len(completions),
-                           [{"prompt": "a"}], args=config, tokenizer=tokenizer).rollout()
+    sequence_level = GRPOTrainer(trainer.model, lambda completions, **kw: [0.0] * len(completions),
+                                 [{"prompt": "a"}], args=config, tokenizer=tokenizer)
+    sequence_level.engine = SkewedEngine(sequence_level.engine, shift)
+    batch, _ = sequence_level.rollout()
     assert batch.tis_weights.shape == (8, 1)

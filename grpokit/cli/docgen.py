@@ -3,7 +3,7 @@ grouped by the ``# ---- section ----`` comments of ``grpokit/config.py``.
 
     python -m grpokit.cli.docgen > docs/configuration.md        (or: grpokit docs -o docs/configuration.md)
 
-``tests/test_docgen.py`` fails when the committed file differs from what this prints, so a new or changed
+``tests/cli/test_docgen.py`` fails when the committed file differs from what this prints, so a new or changed
 field reaches the docs with the change that makes it.
 """
 
@@ -14,6 +14,8 @@ import inspect
 import json
 import re
 import sys
+
+from grpokit.config import GRPOConfig, field_docs
 
 HEADER = """# Configuration reference
 
@@ -38,8 +40,6 @@ SECTION_RE = re.compile(r"^\s*# ---- (.+?) -+\s*$")
 
 def field_sections() -> dict[str, str]:
     """{field name: the section comment above it in ``GRPOConfig``'s source}."""
-    from grpokit.config import GRPOConfig
-
     sections, current = {}, "other"
     names = {f.name for f in dataclasses.fields(GRPOConfig)}
     for line in inspect.getsource(GRPOConfig).splitlines():
@@ -75,8 +75,6 @@ def _cell(text: str) -> str:
 
 def render() -> str:
     """The whole ``docs/configuration.md``."""
-    from grpokit.config import GRPOConfig, field_docs
-
     docs, sections = field_docs(), field_sections()
     by_section: dict[str, list[dataclasses.Field]] = {}
     for f in dataclasses.fields(GRPOConfig):

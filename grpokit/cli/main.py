@@ -12,6 +12,10 @@ read as YAML (``--reward_weights "[1, 0.5]"``). ``--resume`` continues the run i
 newest checkpoint; ``--overwrite`` replaces an earlier run there (without either, such a start is refused).
 Bad input gives one line on stderr and exit status 2; a run stopped by a non-finite loss or gradient, exit
 status 1 (``--debug`` shows the traceback).
+
+Each command imports what it runs inside its own function: ``grpokit --help`` and a mistyped config key
+answer without loading torch and transformers (seconds). The layering itself holds for these imports too
+(``make lint``).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ positions are gathered back. The causal mask guarantees that a prompt token's st
 completion after it, so sharing is exact; gradients of a shared prompt token add up over the rows that read
 it, as the chain rule wants (``index_select``'s backward is a scatter-add).
 
-Same model, same weights, same formula as ``grpokit.logprobs.hidden_states``: ``tests/test_packed.py`` checks
+Same model, same weights, same formula as ``grpokit.logprobs.hidden_states``: ``tests/models/test_packed.py`` checks
 log-probs, entropies and every parameter's gradient against the Hugging Face forward (float64, 1e-10) for
 every supported family, with LoRA, and under DDP (``CompletionLogps`` calls it inside DDP's forward). Models
 it does not cover (other architectures, gradient checkpointing, attention dropout, FSDP-sharded layers, a

@@ -32,6 +32,7 @@ from grpokit.rewards.builtin import (
     exact_match,
 )
 from grpokit.rewards.reasoning import accuracy, overlong_penalty, soft_overlong, think_format
+from grpokit.util import closest
 
 __all__ = [
     "RewardError", "RewardFunction", "Scores", "load_reward_funcs", "resolve_reward_func", "score", "call_reward",
@@ -96,8 +97,6 @@ def resolve_reward_func(spec: Any, *, max_completion_length: int | None = None) 
                 raise ValueError(f"reward function {spec!r} by name takes its length from max_completion_length, "
                                  f"which was not given; build it yourself, e.g. {spec}(max_length, cache_length)")
             return RewardFunction(spec, CONFIGURED[spec](max_completion_length))
-        from grpokit.config import closest
-
         names = [*REGISTRY, *CONFIGURED]
         hint = closest(spec, names)
         raise ValueError(f"unknown reward function {spec!r}" + (f"; did you mean {hint!r}?" if hint else "")

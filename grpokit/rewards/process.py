@@ -101,8 +101,8 @@ def parse_steps(value, text: str, delimiter: str | None, where: str) -> tuple[li
             steps = split_steps(text, delimiter)
             if len(value) != len(steps):
                 raise RewardError(f"{where}: {len(value)} step rewards for {len(steps)} steps of the text cut at "
-                                  f"step_delimiter {delimiter!r}; return one per step (grpokit.rewards.process.split_steps "
-                                  "cuts the text the same way)")
+                                  f"step_delimiter {delimiter!r}; return one per step "
+                                  "(grpokit.rewards.process.split_steps cuts the text the same way)")
             rewards, ends = value, [end for _, end in steps]
         elif all(isinstance(v, Sequence) and not isinstance(v, str) and len(v) == 2 for v in value):
             rewards, ends = [v[0] for v in value], [v[1] for v in value]

@@ -62,7 +62,6 @@ class HFEngine:
     def __init__(self, model: torch.nn.Module, tokenizer):
         self.model, self.tokenizer = model, tokenizer
 
-    @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
         model = base_model(self.model)  # a peft model samples through the model it wraps, LoRA layers included
         return local_rollout(model, self.tokenizer, prompts, params, start_hf(model))

@@ -10,7 +10,7 @@ used only under ``torch.inference_mode`` for sampling; every log-prob that enter
 training forward (``grpokit.models.packed`` or the Hugging Face model), so a difference in the last float bit
 changes which token is drawn, never what the loss scores.
 
-``tests/test_fast_decode.py`` checks its logits against the Hugging Face forward for every supported family,
+``tests/rollout/test_lean.py`` checks its logits against the Hugging Face forward for every supported family,
 with left padding, to 1e-5. Any model it does not recognise falls back to the generic cache loop.
 """
 
@@ -211,7 +211,7 @@ class PreparedLayer:
     ``o``, and for the Llama-family MLP ``gate_up`` and ``down``), with the weights of the two RMSNorms folded
     into the stacked weights they feed and the attention scale folded into q's rows unless a per-head norm
     follows q (Qwen3); the same logits up to float32 rounding, with fewer elementwise kernels per token
-    (``tests/test_fast_decode.py`` checks them against the Hugging Face forward)."""
+    (``tests/rollout/test_lean.py`` checks them against the Hugging Face forward)."""
 
     def __init__(self, layer: torch.nn.Module, batch_size: int):
         a, mlp = layer.self_attn, layer.mlp
@@ -266,7 +266,6 @@ class LeanEngine:
     def __init__(self, model: torch.nn.Module, tokenizer, *, fallback: bool = False):
         self.model, self.tokenizer, self.fallback = model, tokenizer, fallback
 
-    @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
         model = base_model(self.model)  # a peft model samples through the model it wraps, LoRA layers included
         length = max(len(p) for p in prompts) + params.max_new_tokens

@@ -8,7 +8,6 @@ chat prompts (a list of ``{"role", "content"}`` messages) are rendered with the 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,14 +148,6 @@ def encode_prompt(tokenizer, prompt: Any, max_length: int | None = None) -> list
     if not ids:
         raise ValueError(f"prompt {prompt!r} encodes to no tokens")
     return ids[-max_length:] if max_length is not None else ids
-
-
-def left_pad(sequences: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-pad token id lists: -> ids (B, P), mask (B, P) with 1 on real tokens."""
-    width = max(len(s) for s in sequences)
-    ids = torch.tensor([[pad_id] * (width - len(s)) + list(s) for s in sequences], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], dtype=torch.long)
-    return ids.view(len(sequences), width), mask.view(len(sequences), width)
 
 
 @dataclass

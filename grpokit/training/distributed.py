@@ -17,7 +17,7 @@ as one process, exactly as before. With W processes, per rollout:
    loss is then the sum of the processes' losses. DDP and FSDP *average* gradients over processes, so each
    process back-propagates ``W x`` its loss (``Parallel.loss_scale``): the averaged gradient is the gradient of
    the global loss, and the update equals one process's update on the same completions
-   (tests/test_distributed.py checks it in float64).
+   (tests/training/test_distributed.py checks it in float64).
 4. Metric sums are all-reduced; only rank 0 prints, writes ``metrics.jsonl``, ``config.yaml``, the plot and
    the checkpoints' model.
 

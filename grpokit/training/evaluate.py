@@ -26,7 +26,14 @@ from typing import Any
 
 import torch
 
-from grpokit.util import nan_to_none
+from grpokit.config import DTYPES
+from grpokit.models.loading import eos_token_ids, load_policy, quiet_transformers, resolve_device, torch_dtype
+from grpokit.models.lora import is_adapter_folder, load_adapted_model
+from grpokit.rewards import load_reward_funcs, score
+from grpokit.rollout import generate
+from grpokit.training.chat import with_system_prompt
+from grpokit.training.data import encode_prompt, is_chat, load_prompts
+from grpokit.util import check_choice, nan_to_none, seed_everything
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -113,11 +120,6 @@ def evaluate(
 ) -> EvalResult:
     """Sample ``num_samples`` (default ``k``) completions of every prompt of ``dataset`` from ``model``
     (``grpokit.rollout.decode``), score them with ``reward_funcs`` and compute mean reward and pass@k."""
-    from grpokit.rewards import load_reward_funcs, score
-    from grpokit.rollout import generate
-    from grpokit.training.chat import with_system_prompt
-    from grpokit.training.data import encode_prompt, is_chat, load_prompts
-    from grpokit.training.trainer import DTYPES, eos_token_ids, seed_everything
 
     n = k if num_samples is None else num_samples
     for name, value, low in (("k", k, 1), ("num_samples", n, k), ("max_completion_length", max_completion_length, 1),
@@ -126,12 +128,11 @@ def evaluate(
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature!r}")
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    check_choice("dtype", dtype, DTYPES)
     funcs = load_reward_funcs(reward_funcs, max_completion_length=max_completion_length)  # cheap checks first
     data = with_system_prompt(load_prompts(dataset), system_prompt)
     columns = [c for c in data.column_names if c != "prompt"]
-    policy, tokenizer = load_eval_model(model, DTYPES[dtype], device, base=base)
+    policy, tokenizer = load_eval_model(model, torch_dtype(dtype), device, base=base)
     policy.eval()
     seed_everything(seed)
     generator = torch.Generator(device=next(policy.parameters()).device).manual_seed(seed)
@@ -185,9 +186,6 @@ def evaluate(
 
 def load_eval_model(source: str | Path, dtype: torch.dtype, device: str = "auto", base: str | None = None):
     """(model, tokenizer) of a model folder / hub id, or of a LoRA checkpoint (adapters merged into its base)."""
-    from grpokit.models.loading import resolve_device
-    from grpokit.models.lora import is_adapter_folder, load_adapted_model
-    from grpokit.training.trainer import load_policy, quiet_transformers
 
     if is_adapter_folder(source):
         with quiet_transformers():

@@ -24,12 +24,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import random
 import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from grpokit.advantages import nanstd, outcome_advantages
@@ -61,7 +59,7 @@ from grpokit.training.dynamic_sampling import Sampled, gather_informative
 from grpokit.training.guards import is_finite_update, non_finite_error
 from grpokit.training.reference import exact_kl_metrics, make_reference, sync_alpha, sync_reference
 from grpokit.training.run_dir import begin_run, check_output_dir, resume_point
-from grpokit.util import nan_to_none
+from grpokit.util import nan_to_none, seed_everything
 
 
 class GRPOTrainer:
@@ -531,12 +529,6 @@ def make_scheduler(optimizer: torch.optim.Optimizer, args: GRPOConfig) -> torch.
         return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def rollout_metrics(scores, reward_funcs, lengths: torch.Tensor, is_truncated: torch.Tensor,

@@ -1,6 +1,6 @@
-"""Runs GRPO cases on one process or under torchrun, for tests/test_distributed.py.
+"""Runs GRPO cases on one process or under torchrun, for tests/training/test_distributed.py.
 
-    torchrun --nproc-per-node 2 tests/distributed_worker.py CASES.json OUT_DIR
+    torchrun --nproc-per-node 2 tests/training/distributed_worker.py CASES.json OUT_DIR
 
 Each case is a dict of ``GRPOConfig`` fields, plus ``"sample": true`` to sample for real and
 ``"resume_from": "<path under OUT_DIR>"`` to start from a checkpoint. Sampling is
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-import grpokit.training.trainer
 from grpokit import GRPOConfig
-from grpokit.training.data import left_pad
-from grpokit.tasks.demo import char_tokenizer, tiny_model
 from grpokit.rollout import Rollout, completion_mask_from_eos
+from grpokit.rollout.engine import left_pad
+from grpokit.tasks.demo import char_tokenizer, tiny_model
+from grpokit.training.trainer import GRPOTrainer
 
 CHARS = "abcd"
 PROMPTS = ["ab", "c", "dd", "abc", "b", "ca", "dab", "bb"]
@@ -61,15 +61,15 @@ def initial_parameters() -> dict[str, torch.Tensor]:
     return dict(tiny_model(char_tokenizer(CHARS), hidden_size=32, seed=0, dtype=torch.float64).named_parameters())
 
 
-def make_trainer(case: dict, output_dir: Path) -> grpokit.training.trainer.GRPOTrainer:
+def make_trainer(case: dict, output_dir: Path) -> GRPOTrainer:
     tokenizer = char_tokenizer(CHARS)
     model = tiny_model(tokenizer, hidden_size=32, seed=0, dtype=torch.float64)
     fields = dict(output_dir=str(output_dir), seed=0, max_steps=2, learning_rate=1e-2, prompts_per_step=4,
                   num_generations=4, max_completion_length=5, save_steps=0, logging_steps=1000, dtype="float64",
                   max_grad_norm=0.5, overwrite_output_dir=True)
     fields.update({k: v for k, v in case.items() if k not in ("name", "resume_from", "sample")})
-    return grpokit.training.trainer.GRPOTrainer(model, reward, [{"prompt": p} for p in PROMPTS], args=GRPOConfig(**fields),
-                                       tokenizer=tokenizer)
+    return GRPOTrainer(model, reward, [{"prompt": p} for p in PROMPTS], args=GRPOConfig(**fields),
+                       tokenizer=tokenizer)
 
 
 def whole_parameters(trainer) -> dict[str, torch.Tensor]:
@@ -78,16 +78,31 @@ def whole_parameters(trainer) -> dict[str, torch.Tensor]:
         return {k: v.detach().cpu().clone() for k, v in trainer.model.named_parameters()}
 
 
-SAMPLE = grpokit.training.trainer.generate
+class FixedEngine:
+    """A rollout engine whose completions are ``fixed_generate``'s."""
+
+    name = "fixed"
+
+    def __init__(self, model, tokenizer, group_size: int):
+        self.model, self.tokenizer, self.group_size = model, tokenizer, group_size
+
+    def generate(self, prompts, params) -> Rollout:
+        return fixed_generate(self.model, self.tokenizer, prompts, max_new_tokens=params.max_new_tokens,
+                              eos_token_ids=params.eos_token_ids, group_size=self.group_size)
+
+    def sync_weights(self, model) -> float:
+        return 0.0
+
+    def close(self) -> None:
+        pass
 
 
 def run_case(case: dict, out: Path) -> dict:
     """Train ``case`` (from the checkpoint ``out / case["resume_from"]`` if given). ``"sample": True`` samples
     for real; otherwise ``fixed_generate`` stands in (the same whatever the process count)."""
-    group_size = case.get("num_generations", 4)
-    fixed = lambda *a, **k: fixed_generate(*a, group_size=group_size, **k)
-    grpokit.training.trainer.generate = SAMPLE if case.get("sample") else fixed
     trainer = make_trainer(case, out / f"run-{case['name']}")
+    if not case.get("sample"):
+        trainer.engine = FixedEngine(trainer.model, trainer.tokenizer, case.get("num_generations", 4))
     history = trainer.train(resume_from_checkpoint=out / case["resume_from"] if "resume_from" in case else None)
     return {"params": whole_parameters(trainer), "history": history, "world_size": trainer.world.world_size}
 

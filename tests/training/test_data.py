@@ -5,8 +5,9 @@ import json
 import datasets
 import pytest
 
-from grpokit.training.data import PromptOrder, encode_prompt, is_chat, left_pad, load_prompts
+from grpokit.rollout.engine import left_pad
 from grpokit.tasks.demo import char_tokenizer
+from grpokit.training.data import PromptOrder, encode_prompt, is_chat, load_prompts
 
 ROWS = [{"prompt": "ab", "answer": "x"}, {"prompt": "cd", "answer": "y"}, {"prompt": "ef", "answer": "z"}]
 

@@ -8,8 +8,8 @@ import pytest
 import yaml
 
 from grpokit.cli import main
-from grpokit.rewards.process import score_steps
 from grpokit.rewards import load_reward_funcs
+from grpokit.rewards.process import score_steps
 from grpokit.tasks.steps import counting_task
 from tests.helpers import save_tiny_model
 

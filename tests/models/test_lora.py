@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from grpokit import GRPOConfig
 from grpokit.cli import main
-from grpokit.tasks.demo import DEMO_LETTERS, char_tokenizer, letter_task, tiny_model
 from grpokit.models.lora import add_lora, check_peft_section, is_peft_model
+from grpokit.tasks.demo import DEMO_LETTERS, char_tokenizer, letter_task, tiny_model
 from grpokit.training.trainer import GRPOTrainer
 from tests.helpers import save_tiny_model
 

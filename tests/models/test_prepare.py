@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from grpokit import GRPOConfig
-from grpokit.tasks.demo import char_tokenizer, tiny_model
 from grpokit.models.loading import resolve_device
+from grpokit.tasks.demo import char_tokenizer, tiny_model
 from grpokit.training.trainer import GRPOTrainer
 
 
@@ -29,7 +29,7 @@ def is_checkpointing(model) -> bool:
 
 def test_gradient_checkpointing_gives_the_same_update(tmp_path):
     # checkpointing runs the Hugging Face layers, so the comparison does too (padding_free=False);
-    # tests/test_packed.py checks the packed forward against them
+    # tests/models/test_packed.py checks the packed forward against them
     plain, expected = one_update(tmp_path / "plain", padding_free=False)
     checkpointed, got = one_update(tmp_path / "gc", gradient_checkpointing=True)
     assert is_checkpointing(checkpointed.model) and not checkpointed.model.config.use_cache

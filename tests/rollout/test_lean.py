@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from grpokit.models import llama
-from grpokit.rollout import lean
 from grpokit.models.llama import position_ids_from_mask
+from grpokit.rollout import lean
 
 
 def tiny(family: str, **extra):

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from grpokit import GRPOConfig
-from grpokit.tasks.demo import char_tokenizer, tiny_model
-from grpokit.training.dynamic_sampling import Sampled, cat_rollouts, gather_informative, informative_groups
 from grpokit.rewards import Scores
 from grpokit.rollout import Rollout
+from grpokit.tasks.demo import char_tokenizer, tiny_model
+from grpokit.training.dynamic_sampling import Sampled, cat_rollouts, gather_informative, informative_groups
 from grpokit.training.trainer import GRPOTrainer
 
 G = 2
@@ -94,8 +94,8 @@ def test_trainer_keeps_only_informative_groups(tmp_path):
 def test_overlong_filtering_divides_by_the_tokens_it_keeps(tmp_path):
     """mask_truncated_completions (DAPO's overlong filtering) with a token-level loss: truncated completions
     leave the numerator *and* the denominator (TRL #6369 counted them in the latter)."""
-    from grpokit.models.forward import completion_logps
     from grpokit.losses import grpo_loss
+    from grpokit.models.forward import completion_logps
 
     tokenizer = char_tokenizer("abcd")
     config = GRPOConfig(output_dir=str(tmp_path), prompts_per_step=4, num_generations=4, max_completion_length=2,

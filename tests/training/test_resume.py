@@ -16,10 +16,10 @@ import yaml
 from safetensors.torch import load_file
 
 from grpokit import GRPOConfig
-from grpokit.training.checkpoint import STATE_FILE, delete_checkpoint, list_checkpoints, remove_partial_checkpoints
 from grpokit.cli import main
-from grpokit.tasks.demo import char_tokenizer, tiny_model
 from grpokit.reporting.metrics import read_metrics
+from grpokit.tasks.demo import char_tokenizer, tiny_model
+from grpokit.training.checkpoint import STATE_FILE, delete_checkpoint, list_checkpoints, remove_partial_checkpoints
 from grpokit.training.run_dir import OutputDirError
 from grpokit.training.trainer import GRPOTrainer, quiet_transformers
 

@@ -10,13 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-import grpokit.training.trainer
 from grpokit import GRPOConfig
-from grpokit.training.distributed import World, check_batch_shape, init_world, rollout_shard, sampler_seed, shard_prompts
-from tests import distributed_worker
+from grpokit.training.distributed import (
+    World,
+    check_batch_shape,
+    init_world,
+    rollout_shard,
+    sampler_seed,
+    shard_prompts,
+)
 from tests.helpers import save_tiny_model
+from tests.training import distributed_worker
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WORKER = Path(distributed_worker.__file__)
 
 # every loss type; mini-batches (S = 2), several passes (mu = 2, pi_old live, clipping binding), micro-batches,
@@ -131,7 +137,6 @@ def test_two_processes_make_the_same_updates_as_one(two_processes, case, tmp_pat
     """Same completions (fixed_generate), float64: parameters after every step of the run and each step's
     metrics agree with one process to rounding; the split, the reward gather, the global loss totals and
     DDP's / FSDP's gradient averaging change nothing else."""
-    monkeypatch.setattr(grpokit.training.trainer, "generate", grpokit.training.trainer.generate)  # restored after the test
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each torchrun process (OMP_NUM_THREADS=1); tiny matrices gain nothing from more
     try:

@@ -8,9 +8,9 @@ import torch
 from tokenizers import AddedToken
 
 from grpokit import GRPOConfig
-from grpokit.tasks.demo import char_tokenizer, tiny_model
-from grpokit.rewards.process import parse_steps, score_steps, split_steps, step_advantages, token_step_ends
 from grpokit.rewards import RewardError, load_reward_funcs
+from grpokit.rewards.process import parse_steps, score_steps, split_steps, step_advantages, token_step_ends
+from grpokit.tasks.demo import char_tokenizer, tiny_model
 from grpokit.tasks.steps import count_fixed_outcome, count_fixed_steps, count_outcome, count_steps, counting_task
 from grpokit.training.trainer import GRPOTrainer
 

@@ -2,8 +2,8 @@
 reward functions see the same prompt; completions reach rewards as messages (chat) or text (strings)."""
 
 from grpokit import GRPOConfig
-from grpokit.training.chat import add_system_prompt
 from grpokit.tasks.demo import char_tokenizer, tiny_model
+from grpokit.training.chat import add_system_prompt
 from grpokit.training.trainer import GRPOTrainer
 
 SYSTEM = "be brief"

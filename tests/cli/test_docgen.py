@@ -7,7 +7,7 @@ from grpokit import GRPOConfig
 from grpokit.cli import main
 from grpokit.cli.docgen import render
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 
 def test_configuration_md_is_up_to_date():

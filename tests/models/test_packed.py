@@ -6,11 +6,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from grpokit.logprobs import hidden_states, lm_head_of, token_logprobs
 from grpokit.models import packed
 from grpokit.models.forward import completion_logps
-from grpokit.logprobs import hidden_states, lm_head_of, token_logprobs
 from grpokit.rollout import position_ids_from_mask
-from tests.test_fast_decode import tiny
+from tests.rollout.test_lean import tiny
 
 FAMILIES = [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("mistral", {}), ("qwen2", {}), ("qwen3", {})]
 
@@ -106,7 +106,7 @@ def test_what_it_does_not_cover_uses_the_hugging_face_forward():
 
 
 def test_the_trainer_makes_the_same_update_with_and_without_padding(tmp_path, exact_norms):
-    from tests.test_modeling import one_update
+    from tests.models.test_prepare import one_update
 
     _, padded = one_update(tmp_path / "padded", padding_free=False, beta=0.1)
     _, free = one_update(tmp_path / "free", padding_free=True, beta=0.1)

@@ -4,8 +4,8 @@ learned reward: per-character weights fitted to a verifier's label (the share of
 import pytest
 
 from grpokit import GRPOConfig
-from grpokit.tasks.demo import char_tokenizer, tiny_model
 from grpokit.rewards.learned import LearnedReward, ReplayBuffer, replay_count
+from grpokit.tasks.demo import char_tokenizer, tiny_model
 from grpokit.training.trainer import GRPOTrainer
 
 

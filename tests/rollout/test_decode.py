@@ -7,9 +7,18 @@ import pytest
 import torch
 
 from grpokit.models.forward import completion_logps
-from grpokit.training.data import encode_prompt, left_pad
+from grpokit.rollout import (
+    SamplingParams,
+    completion_mask_from_eos,
+    filter_logits,
+    generate,
+    position_ids_from_mask,
+    sample,
+)
+from grpokit.rollout.engine import left_pad
+from grpokit.rollout.hf import start_hf
 from grpokit.tasks.demo import char_tokenizer, tiny_model
-from grpokit.rollout import completion_mask_from_eos, filter_logits, generate, position_ids_from_mask, sample
+from grpokit.training.data import encode_prompt
 
 EOS, PAD = 0, 0
 
@@ -45,8 +54,10 @@ def test_incremental_logits_equal_full_forward(model, tokenizer, monkeypatch):
     prompt_ids, prompt_mask = left_pad(_prompts(tokenizer), tokenizer.pad_token_id)
     model.forward = recording_forward
     try:
-        ids, mask, _, _, _ = sample(model, prompt_ids, prompt_mask, max_new_tokens=6, eos_token_ids=[-1],
-                                 pad_token_id=PAD, generator=torch.Generator().manual_seed(0))
+        draws = sample(start_hf(model), prompt_ids, prompt_mask,
+                       SamplingParams(max_new_tokens=6, eos_token_ids=(-1,), pad_token_id=PAD,
+                                      generator=torch.Generator().manual_seed(0)))
+        ids = draws.completion_ids
     finally:
         del model.forward
     assert ids.shape == (6, 6) and len(captured) == 6  # prefill + 5 decode steps, no EOS possible
@@ -166,18 +177,18 @@ def test_eos_masking_truncation_and_early_stop():
               [6, 6, 6, 6, 6, 6],     # never: truncated
               [EOS, 3, 3, 3, 3, 3]]   # EOS first
     model = Scripted(script)
-    ids, mask, truncated, logps, _ = sample(model, torch.ones(3, 2, dtype=torch.long),
-                                            torch.ones(3, 2, dtype=torch.long), max_new_tokens=4,
-                                            eos_token_ids=[EOS], pad_token_id=9)
+    draws = sample(start_hf(model), torch.ones(3, 2, dtype=torch.long), torch.ones(3, 2, dtype=torch.long),
+                   SamplingParams(max_new_tokens=4, eos_token_ids=(EOS,), pad_token_id=9))
+    ids, mask, truncated = draws.completion_ids, draws.completion_mask, draws.is_truncated
     assert ids.tolist() == [[5, EOS, 9, 9], [6, 6, 6, 6], [EOS, 9, 9, 9]]  # pad after EOS
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]]  # through the first EOS
     assert truncated.tolist() == [False, True, False]
     assert model.calls == 4  # max_new_tokens forwards: the last token needs no forward after it
 
     done_early = Scripted([[EOS, 1, 1, 1, 1], [4, EOS, 1, 1, 1]])
-    ids, mask, truncated, _, _ = sample(done_early, torch.ones(2, 1, dtype=torch.long),
-                                        torch.ones(2, 1, dtype=torch.long), max_new_tokens=5, eos_token_ids=[EOS],
-                                        pad_token_id=9)
+    draws = sample(start_hf(done_early), torch.ones(2, 1, dtype=torch.long), torch.ones(2, 1, dtype=torch.long),
+                   SamplingParams(max_new_tokens=5, eos_token_ids=(EOS,), pad_token_id=9))
+    ids, truncated = draws.completion_ids, draws.is_truncated
     assert ids.shape == (2, 2) and done_early.calls == 2 and not truncated.any()  # stopped once all rows ended
 
 

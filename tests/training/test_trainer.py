@@ -1,6 +1,7 @@
 """GRPOTrainer end to end on tiny local models: updates, accumulation exactness, pi_old / pi_ref, rewards,
 chat prompts, outputs, checkpoints and resume."""
 
+import dataclasses
 import json
 import math
 
@@ -9,8 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from grpokit import GRPOConfig
-from grpokit.training.checkpoint import list_checkpoints
 from grpokit.tasks.demo import char_tokenizer, tiny_model
+from grpokit.training.checkpoint import list_checkpoints
 from grpokit.training.trainer import GRPOTrainer, make_scheduler
 
 CHARS = "abcd"
@@ -78,9 +79,9 @@ def test_micro_batch_size_does_not_change_the_update(tmp_path, loss_type, exact_
 
 
 def zero_some_advantages(batch, rows):
-    batch.advantages = batch.advantages.clone()
-    batch.advantages[rows] = 0.0
-    return batch
+    advantages = batch.advantages.clone()
+    advantages[rows] = 0.0
+    return dataclasses.replace(batch, advantages=advantages)
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dapo", "dr_grpo", "cispo", "sapo"])

@@ -6,11 +6,11 @@ import torch
 
 from grpokit import GRPOConfig
 from grpokit.advantages import group_advantages
-from grpokit.models.forward import completion_logps
-from grpokit.tasks.demo import char_tokenizer, tiny_model
 from grpokit.kl import exact_kl, kl_reward_to_go
-from grpokit.training.reference import exact_kl_metrics, sync_alpha, sync_reference
+from grpokit.models.forward import completion_logps
 from grpokit.rollout import position_ids_from_mask
+from grpokit.tasks.demo import char_tokenizer, tiny_model
+from grpokit.training.reference import exact_kl_metrics, sync_alpha, sync_reference
 from grpokit.training.trainer import GRPOTrainer
 
 CHARS = "abcd"

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 from grpokit import GRPOConfig
-from grpokit.training.checkpoint import list_checkpoints
 from grpokit.cli import main
 from grpokit.tasks.demo import char_tokenizer, tiny_model
+from grpokit.training.checkpoint import list_checkpoints
 from grpokit.training.guards import TrainingError
 from grpokit.training.trainer import GRPOTrainer, quiet_transformers
 

@@ -8,8 +8,8 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from grpokit import GRPOConfig
-from grpokit.tasks.demo import char_tokenizer, tiny_model
 from grpokit.reporting.backends import format_table, read_samples
+from grpokit.tasks.demo import char_tokenizer, tiny_model
 from grpokit.training.trainer import GRPOTrainer
 
 
