@@ -51,14 +51,27 @@ def mean_weight(weights: torch.Tensor, mask: torch.Tensor) -> float:
     return float((weights * mask).sum() / mask.sum().clamp(min=1))
 
 
-def mismatch_metrics(trainer_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    """``mismatch/logp_abs_max``, ``mismatch/logp_abs_mean`` and ``mismatch/kl`` over the tokens where ``mask``
-    (B, T) is 1, from the trainer's and the sampler's log-probs (B, T) of the same sampled tokens."""
+def mismatch_totals(trainer_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    """Sums behind ``mismatch_metrics`` over the tokens where ``mask`` (B, T) is 1, from the trainer's and the
+    sampler's log-probs (B, T) of the same sampled tokens: ``abs_max``, ``abs_sum``, ``k3_sum``, ``count``.
+    Totals of several parts (micro-batches, processes) add up (``abs_max``: the largest)."""
     where = mask.bool()
-    if not where.any():  # the same keys on every process, even one without loss tokens
-        return {"mismatch/logp_abs_max": 0.0, "mismatch/logp_abs_mean": 0.0, "mismatch/kl": 0.0}
-    log_ratio = (trainer_logps.detach().double() - sampling_logps.double())[where]  # (M,) log pi_trainer / pi_s
+    log_ratio = (trainer_logps.detach().double() - sampling_logps.detach().double())[where]  # (M,) log t / s
     gap = log_ratio.abs()
-    k3 = torch.expm1(log_ratio) - log_ratio  # (r - 1) - log r, computed without cancellation
-    return {"mismatch/logp_abs_max": float(gap.max()), "mismatch/logp_abs_mean": float(gap.mean()),
-            "mismatch/kl": float(k3.mean())}
+    k3 = torch.expm1(log_ratio) - log_ratio  # (r - 1) - log r with r = pi_trainer / pi_sampler, no cancellation
+    return {"abs_max": float(gap.max()) if gap.numel() else 0.0, "abs_sum": float(gap.sum()),
+            "k3_sum": float(k3.sum()), "count": float(gap.numel())}
+
+
+def add_totals(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    """Two ``mismatch_totals`` as one."""
+    return {"abs_max": max(a["abs_max"], b["abs_max"]), "abs_sum": a["abs_sum"] + b["abs_sum"],
+            "k3_sum": a["k3_sum"] + b["k3_sum"], "count": a["count"] + b["count"]}
+
+
+def mismatch_metrics(totals: dict[str, float]) -> dict[str, float]:
+    """``mismatch/logp_abs_max``, ``mismatch/logp_abs_mean`` and ``mismatch/kl`` (the k3 estimate of
+    KL(pi_sampler || pi_trainer)) from ``mismatch_totals``."""
+    count = max(totals["count"], 1.0)
+    return {"mismatch/logp_abs_max": totals["abs_max"], "mismatch/logp_abs_mean": totals["abs_sum"] / count,
+            "mismatch/kl": totals["k3_sum"] / count}

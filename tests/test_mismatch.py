@@ -91,3 +91,23 @@ def test_trainer_weights_the_loss_by_the_capped_ratio(tmp_path):
     sequence_level.engine = SkewedEngine(sequence_level.engine, shift)
     batch, _ = sequence_level.rollout()
     assert batch.tis_weights.shape == (8, 1)
+
+
+def test_mismatch_metrics_by_hand():
+    """Two loss tokens with log-ratios log(pi_trainer / pi_sampler) = +0.5 and -0.2, one masked token of 9."""
+    from grpokit.mismatch import add_totals, mismatch_metrics, mismatch_totals
+
+    trainer = torch.tensor([[-1.0, -2.0, 5.0]], dtype=F64)
+    sampler = torch.tensor([[-1.5, -1.8, -4.0]], dtype=F64)
+    mask = torch.tensor([[1, 1, 0]])
+    totals = mismatch_totals(trainer, sampler, mask)
+    metrics = mismatch_metrics(totals)
+    k3 = [math.expm1(x) - x for x in (0.5, -0.2)]  # (r - 1) - log r
+    assert metrics["mismatch/logp_abs_max"] == pytest.approx(0.5, abs=1e-15)
+    assert metrics["mismatch/logp_abs_mean"] == pytest.approx(0.35, abs=1e-15)
+    assert metrics["mismatch/kl"] == pytest.approx(sum(k3) / 2, abs=1e-15)
+    halves = add_totals(mismatch_totals(trainer[:, :1], sampler[:, :1], mask[:, :1]),
+                        mismatch_totals(trainer[:, 1:], sampler[:, 1:], mask[:, 1:]))
+    assert mismatch_metrics(halves) == pytest.approx(metrics, abs=1e-15)  # parts add up
+    assert mismatch_metrics(mismatch_totals(trainer, trainer, mask)) == {
+        "mismatch/logp_abs_max": 0.0, "mismatch/logp_abs_mean": 0.0, "mismatch/kl": 0.0}

@@ -1,7 +1,9 @@
 """Runs TRL 1.16's own ``GRPOTrainer._compute_loss`` on given per-token log-probs (test-only).
 
 TRL computes the log-probs from a model inside ``_compute_loss``; here a stand-in ``self`` hands it ours, so
-the loss, gradient and metrics come from TRL's unmodified code.
+the loss, gradient and metrics come from TRL's unmodified code. TRL (a test dependency) is imported when a
+parity test calls it, not when this module is imported: the hand-computed tests beside the parity tests run
+without it, and a parity test without TRL fails rather than skips.
 """
 
 from __future__ import annotations
@@ -9,10 +11,7 @@ from __future__ import annotations
 from collections import defaultdict
 from types import SimpleNamespace
 
-import pytest
 import torch
-
-trl_grpo = pytest.importorskip("trl.trainer.grpo_trainer")
 
 
 class _Accelerator:
@@ -58,6 +57,8 @@ def trl_compute_loss(
         "advantages": advantages, "old_per_token_logps": old_logps, "ref_per_token_logps": ref_logps,
         "num_items_in_batch": torch.as_tensor(mask.sum() if num_items_in_batch is None else num_items_in_batch),
     }
-    loss = trl_grpo.GRPOTrainer._compute_loss(fake, None, inputs)
+    from trl.trainer.grpo_trainer import GRPOTrainer as TRLGRPOTrainer
+
+    loss = TRLGRPOTrainer._compute_loss(fake, None, inputs)
     metrics = {k: v[-1] for k, v in fake._metrics["train"].items()}
     return loss, metrics

@@ -34,7 +34,7 @@ from grpokit.advantages import nanstd, outcome_advantages
 from grpokit.config import GRPOConfig
 from grpokit.kl import kl_reward_to_go
 from grpokit.losses import grpo_loss
-from grpokit.mismatch import mean_weight, mismatch_metrics, tis_weights
+from grpokit.mismatch import add_totals, mean_weight, mismatch_metrics, mismatch_totals, tis_weights
 from grpokit.models.loading import eos_token_ids, load_policy, load_weights, quiet_transformers, torch_dtype
 from grpokit.models.lora import adapters_disabled, is_peft_model, load_trained_weights
 from grpokit.models.prepare import prepare_model
@@ -229,8 +229,6 @@ class GRPOTrainer:
         metrics.update(kl)
         if self.args.tis:
             metrics["tis/mean_weight"] = mean_weight(batch.tis_weights, batch.loss_mask)
-        if policy_logps is not None:  # the engine's log-probs against the trainer's, same weights
-            metrics.update(mismatch_metrics(policy_logps, batch.sampling_logps, batch.loss_mask))
         if self.args.log_completions_steps:
             self._samples = CompletionSamples.of(sampled.prompts, sampled.rollout.texts, sampled.scores,
                                                  [f.name for f in self.reward_funcs], batch.advantages,
@@ -238,10 +236,16 @@ class GRPOTrainer:
         # under torchrun, means over every process's loss tokens (sequence-level TIS: its completions)
         rows = {"tis/mean_weight": float((batch.loss_mask.sum(-1) > 0).sum())} if self.args.tis == "sequence" else {}
         metrics = self.world.weighted_mean(metrics, float(batch.loss_mask.sum()), rows)
-        for name in ("mismatch/logp_abs_max",):
-            if name in metrics:  # a maximum, not a mean
-                metrics[name] = self.world.max_float(metrics[name])
+        if policy_logps is not None:  # the engine's log-probs against the trainer's, at the same weights
+            metrics.update(self.mismatch(mismatch_totals(policy_logps, batch.sampling_logps, batch.loss_mask)))
         return batch, {**self.rollout_summary(sampled), **metrics}
+
+    def mismatch(self, totals: dict[str, float]) -> dict[str, float]:
+        """``mismatch/*`` metrics of every process's loss tokens (``grpokit.mismatch``)."""
+        if self.world.world_size > 1:
+            abs_max = self.world.max_float(totals["abs_max"])
+            totals = {**self.world.sum_floats(totals), "abs_max": abs_max}
+        return mismatch_metrics(totals)
 
     def sample_scored(self) -> tuple[Sampled, dict[str, float]]:
         """Steps 1-2: G scored completions per prompt; DAPO's dynamic sampling swaps flat groups for new
@@ -368,6 +372,10 @@ class GRPOTrainer:
         sums = {"loss": 0.0, "entropy": 0.0, "kl": 0.0, "clip_ratio": 0.0, "clip_ratio_low": 0.0,
                 "clip_ratio_high": 0.0, "ratio_mean": 0.0}
         tokens = max(int(num_items), 1)
+        # on-policy (no pi_old), this forward runs at the weights the engine sampled with: the mismatch is
+        # measured here, on the rows that run, at no extra cost (otherwise the rollout measured it)
+        on_policy = mini.old_logps is None and mini.sampling_logps is not None
+        gap = {"abs_max": 0.0, "abs_sum": 0.0, "k3_sum": 0.0, "count": 0.0}
         micro_batches = self.micro_batches(mini)  # [(micro-batch, backpropagate it)]
         last = max(i for i, (_, backward) in enumerate(micro_batches) if backward)
         for i, (micro, backward) in enumerate(micro_batches):
@@ -383,6 +391,8 @@ class GRPOTrainer:
                         temperature=self.args.temperature, chunk_size=self.args.logprob_chunk_size,
                         return_entropy=True,
                     )  # (n, C) each
+                    if on_policy:
+                        gap = add_totals(gap, mismatch_totals(logps, micro.sampling_logps, micro.loss_mask))
                 out = grpo_loss(logps, micro.advantages, micro.loss_mask, old_logps=micro.old_logps,
                                 ref_logps=micro.ref_logps, config=self.loss_config, totals=totals,
                                 token_weights=micro.tis_weights)
@@ -407,7 +417,8 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         if self.loss_config.beta == 0:  # no KL in the loss (beta = 0, or kl_in_reward: the rollout logs it)
             del sums["kl"]
-        return {**sums, **exact, "learning_rate": learning_rate, "grad_norm": float(grad_norm),
+        mismatch = self.mismatch(gap) if on_policy else {}
+        return {**sums, **exact, **mismatch, "learning_rate": learning_rate, "grad_norm": float(grad_norm),
                 "num_tokens": int(self.world.all_reduce_sum(mini.completion_mask.sum()))}
 
     def micro_batches(self, mini: Batch) -> list[tuple[Batch, bool]]:

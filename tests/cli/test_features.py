@@ -10,6 +10,7 @@ import yaml
 from grpokit.cli import main
 from grpokit.rewards import load_reward_funcs
 from grpokit.rewards.process import score_steps
+from grpokit.rewards.reasoning import soft_overlong
 from grpokit.tasks.steps import counting_task
 from tests.helpers import save_tiny_model
 
@@ -81,10 +82,7 @@ def test_rloo_exact_kl_polyak_and_a_learned_reward(tmp_path):
 def test_soft_overlong_composes_with_process_supervision():
     """DAPO's soft overlong punishment returns a number per completion: under process supervision that is one
     step ending at the end of the completion, pooled with the step rewards."""
-    reasoning = pytest.importorskip("grpokit.rewards.reasoning")
-    if not hasattr(getattr(reasoning, "soft_overlong", None), "from_config"):
-        pytest.skip("soft_overlong is not available")
-    overlong = reasoning.soft_overlong.from_config(6)
+    overlong = soft_overlong.from_config(6)
     funcs = load_reward_funcs([overlong, "grpokit.tasks.steps:count_steps"])
     texts = ["a;a;a;", "a;"]
     ids = [[7] * 6, [7] * 2]

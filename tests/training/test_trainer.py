@@ -318,3 +318,24 @@ def test_processing_class_is_an_alias_of_tokenizer(tmp_path):
     trainer = GRPOTrainer(model, count_a, [{"prompt": "a"}], args=GRPOConfig(output_dir=str(tmp_path)),
                           processing_class=tokenizer)
     assert trainer.tokenizer is tokenizer
+
+
+ROW_KEYS = {"step", "step_time", "tokens_per_s", "loss", "entropy", "clip_ratio", "clip_ratio_low", "clip_ratio_high",
+            "ratio_mean", "learning_rate", "grad_norm", "reward", "reward_std", "rewards/count_a", "completion_length",
+            "completion_length_max", "truncated_ratio", "frac_zero_std_groups", "rollout/weight_sync_s",
+            "mismatch/logp_abs_max", "mismatch/logp_abs_mean", "mismatch/kl"}
+
+
+@pytest.mark.parametrize("extra, more_keys", [
+    ({}, set()),
+    ({"num_iterations": 2, "tis": "token"}, {"tis/mean_weight"}),
+    ({"beta": 0.04}, {"kl", "kl_exact_reverse", "kl_exact_forward"}),
+])
+def test_a_metrics_row_has_exactly_the_documented_keys(tmp_path, extra, more_keys):
+    """Every key of a ``metrics.jsonl`` row, no more (a stray key such as a leaked ``num_tokens`` fails)."""
+    trainer = make_trainer(tmp_path, max_steps=2, **extra)
+    rows = trainer.train()
+    written = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for row in (rows[-1], written[-1]):
+        assert set(row) == ROW_KEYS | more_keys
+    assert 0 <= rows[-1]["mismatch/logp_abs_max"] < 1e-4  # the lean sampler and the training forward agree
