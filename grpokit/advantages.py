@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 import torch
 
+from grpokit.util import check_choice
+
 SCALES = ("group", "batch", "none")
 STD_EPS = 1e-4  # TRL 1.16 adds this to the std; it keeps near-constant groups from exploding
 
@@ -35,8 +37,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "group
     robust to easy/hard prompts; Lite PPO), ``none`` only centres (Dr. GRPO: no difficulty bias). A group
     whose rewards are all equal gives exactly 0; a NaN reward gives 0.
     """
-    if scale not in SCALES:
-        raise ValueError(f"scale_rewards must be one of {', '.join(SCALES)}; got {scale!r}")
+    check_choice("scale_rewards", scale, SCALES)
     if group_size < 1 or rewards.numel() % group_size:
         raise ValueError(f"{rewards.numel()} rewards cannot be split into groups of {group_size}")
     grouped = rewards.view(-1, group_size)  # (P, G)

@@ -13,7 +13,9 @@ Batch shapes, per rollout (one process):
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
 import re
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -21,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from grpokit.advantages import ADVANTAGE_ESTIMATORS
+from grpokit.advantages import ADVANTAGE_ESTIMATORS, SCALES
 from grpokit.losses import LossConfig
 from grpokit.mismatch import TIS_LEVELS
 from grpokit.util import check_bool, check_choice, check_int, check_keys, check_real, closest
@@ -71,7 +73,6 @@ def check_peft_section(section: Any) -> dict[str, Any] | None:
 
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
-SCALE_REWARDS = ("group", "batch", "none")
 REPORT_TO = ("none", "jsonl", "tensorboard")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 DISTRIBUTED = ("ddp", "fsdp")
@@ -80,7 +81,7 @@ ROLLOUT_ENGINES = ("auto", "lean", "hf", "vllm")
 
 
 @dataclass
-class GRPOConfig:
+class GRPOConfig(LossConfig):
     """Configuration of a GRPO run (DeepSeekMath, arXiv 2402.03300). Defaults follow TRL 1.16 unless noted."""
 
     # ---- run ---------------------------------------------------------------------------------------------
@@ -184,27 +185,10 @@ class GRPOConfig:
     ``None``: eager on a CPU, graphs on CUDA."""
 
     # ---- loss (grpokit.losses.LossConfig) ----------------------------------------------------------------
-    loss_type: str = "grpo"
-    """``grpo`` (the paper: mean over each completion's tokens, then over completions), ``bnpo``,
-    ``dr_grpo``, ``dapo``, ``cispo`` or ``sapo``; see ``grpokit.losses``. TRL defaults to ``dapo``."""
-    beta: float = 0.0
-    """KL coefficient (paper: 0.04; TRL: 0). 0 builds no reference model at all."""
-    epsilon_low: float = 0.2
-    """Lower clip range: the ratio is clipped below at ``1 - epsilon_low``."""
+    # loss_type, beta, epsilon_low, epsilon_high, delta, importance_sampling_level, kl_estimator,
+    # sapo_temperature_pos, sapo_temperature_neg: inherited from LossConfig, which declares and checks them
     epsilon: float | None = None
     """TRL's name for ``epsilon_low``; when given it sets ``epsilon_low`` and is then cleared."""
-    epsilon_high: float | None = None
-    """Upper clip range (``1 + epsilon_high``); ``None`` means ``epsilon_low``. For ``cispo``, the ratio cap."""
-    delta: float | None = None
-    """Two-sided clipping: also cap the unclipped ratio at ``delta`` (> 1 + epsilon_high). ``None``: off."""
-    importance_sampling_level: str = "token"
-    """``token`` (GRPO) or ``sequence`` (GSPO: exp of the mean log-ratio of the completion)."""
-    kl_estimator: str = "k3"
-    """Per-token KL penalty: ``k3`` (paper eq. 4), ``k1``, ``k2`` or ``k3_is`` (see ``grpokit.kl``)."""
-    sapo_temperature_pos: float = 1.0
-    """SAPO gate temperature for positive advantages."""
-    sapo_temperature_neg: float = 1.05
-    """SAPO gate temperature for zero or negative advantages."""
 
     # ---- rewards -----------------------------------------------------------------------------------------
     scale_rewards: str = "group"
@@ -351,7 +335,7 @@ class GRPOConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         check_int("top_k", self.top_k, low=0)
 
-        check_choice("scale_rewards", self.scale_rewards, SCALE_REWARDS)
+        check_choice("scale_rewards", self.scale_rewards, SCALES)
         check_bool("mask_truncated_completions", self.mask_truncated_completions)
         if self.reward_weights is not None:
             if not isinstance(self.reward_weights, (list, tuple)) or not self.reward_weights:
@@ -476,13 +460,8 @@ class GRPOConfig:
     def loss_config(self) -> LossConfig:
         """The ``LossConfig`` these fields describe (``max_completion_length`` is shared with generation; with
         ``kl_in_reward`` the KL is in the advantages, so the loss's beta is 0)."""
-        beta = 0.0 if self.kl_in_reward else self.beta
-        return LossConfig(
-            loss_type=self.loss_type, beta=beta, epsilon_low=self.epsilon_low, epsilon_high=self.epsilon_high,
-            delta=self.delta, importance_sampling_level=self.importance_sampling_level,
-            kl_estimator=self.kl_estimator, max_completion_length=self.max_completion_length,
-            sapo_temperature_pos=self.sapo_temperature_pos, sapo_temperature_neg=self.sapo_temperature_neg,
-        )
+        values = {f.name: getattr(self, f.name) for f in fields(LossConfig)}
+        return LossConfig(**{**values, "beta": 0.0 if self.kl_in_reward else self.beta})
 
     # ---- serialisation -----------------------------------------------------------------------------------
 
@@ -520,17 +499,15 @@ class GRPOConfig:
 
 
 def field_docs() -> dict[str, str]:
-    """{field: the docstring written under it in ``GRPOConfig``} (read from this file's source)."""
-    import ast
-    import inspect
-
-    tree = ast.parse(inspect.getsource(GRPOConfig))
-    body = tree.body[0].body
+    """{field: the docstring written under it}, read from the source of ``LossConfig`` (the inherited loss
+    fields), then of ``GRPOConfig`` (where a field is declared again, as ``max_completion_length``, its own)."""
     docs = {}
-    for node, after in zip(body, body[1:]):
-        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
-                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
-            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    for cls in (LossConfig, GRPOConfig):
+        body = ast.parse(inspect.getsource(cls)).body[0].body
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                    and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+                docs[node.target.id] = inspect.cleandoc(after.value.value)
     return docs
 
 

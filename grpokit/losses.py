@@ -33,7 +33,8 @@ IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 @dataclass
 class LossConfig:
-    """How the per-token objective is formed and normalised."""
+    """How the per-token objective is formed and normalised. ``GRPOConfig`` inherits these fields: each is
+    declared, documented and checked here only."""
 
     loss_type: str = "grpo"
     """Surrogate and normaliser. ``grpo``: PPO clip, mean over each completion's tokens then over completions
@@ -42,7 +43,7 @@ class LossConfig:
     ``cispo``: clipped, detached IS weight times ``A * logp``, normalised as dapo; ``sapo``: soft sigmoid gate,
     normalised as grpo. TRL defaults to ``dapo``; grpokit defaults to the paper's ``grpo``."""
     beta: float = 0.0
-    """KL coefficient (paper: 0.04). 0 disables the reference model entirely."""
+    """KL coefficient (paper: 0.04; TRL: 0). 0 builds no reference model at all."""
     epsilon_low: float = 0.2
     """Lower clip range: the ratio is clipped below at ``1 - epsilon_low``."""
     epsilon_high: float | None = None
@@ -53,7 +54,7 @@ class LossConfig:
     importance_sampling_level: str = "token"
     """``token``: one ratio per token (GRPO); ``sequence``: exp of the mean log-ratio of the sequence (GSPO)."""
     kl_estimator: str = "k3"
-    """Per-token KL penalty (see ``grpokit.kl``): ``k3`` is the paper's eq. 4."""
+    """Per-token KL penalty: ``k3`` (paper eq. 4), ``k1``, ``k2`` or ``k3_is`` (see ``grpokit.kl``)."""
     max_completion_length: int | None = None
     """Constant denominator of ``dr_grpo``; ``None`` uses the padded completion length T of the batch."""
     sapo_temperature_pos: float = 1.0

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from grpokit.util import check_choice
+
 TIS_LEVELS = ("token", "sequence")
 
 
@@ -32,8 +34,7 @@ def tis_weights(old_logps: torch.Tensor, sampling_logps: torch.Tensor, mask: tor
     """Truncated importance weights ``min(pi_old / pi_sampler, cap)``: (B, T) for ``token``, (B, 1) for
     ``sequence`` (exp of the summed log-ratio over the completion's tokens, as TRL). Padding (mask 0) counts
     as log-ratio 0, so it weighs 1 and adds nothing to a sequence's ratio; so does a NaN sampler log-prob."""
-    if level not in TIS_LEVELS:
-        raise ValueError(f"tis must be one of {', '.join(TIS_LEVELS)}; got {level!r}")
+    check_choice("tis", level, TIS_LEVELS)
     if old_logps.shape != sampling_logps.shape or old_logps.shape != mask.shape:
         raise ValueError(f"old_logps {tuple(old_logps.shape)}, sampling_logps {tuple(sampling_logps.shape)} and "
                          f"mask {tuple(mask.shape)} must have the same (B, T) shape")

@@ -16,6 +16,7 @@ import re
 import sys
 
 from grpokit.config import GRPOConfig, field_docs
+from grpokit.losses import LossConfig
 
 HEADER = """# Configuration reference
 
@@ -39,13 +40,17 @@ SECTION_RE = re.compile(r"^\s*# ---- (.+?) -+\s*$")
 
 
 def field_sections() -> dict[str, str]:
-    """{field name: the section comment above it in ``GRPOConfig``'s source}."""
+    """{field name: the section comment above it in ``GRPOConfig``'s source}, in the order of the sections
+    there. The fields inherited from ``LossConfig`` belong to the section that names it."""
     sections, current = {}, "other"
     names = {f.name for f in dataclasses.fields(GRPOConfig)}
+    inherited = [f.name for f in dataclasses.fields(LossConfig)]
     for line in inspect.getsource(GRPOConfig).splitlines():
         match = SECTION_RE.match(line)
         if match:
             current = match.group(1).strip()
+            if "LossConfig" in current:
+                sections.update({name: current for name in inherited})
             continue
         name = re.match(r"^    (\w+)\s*:", line)
         if name and name.group(1) in names:
@@ -76,7 +81,7 @@ def _cell(text: str) -> str:
 def render() -> str:
     """The whole ``docs/configuration.md``."""
     docs, sections = field_docs(), field_sections()
-    by_section: dict[str, list[dataclasses.Field]] = {}
+    by_section: dict[str, list[dataclasses.Field]] = {section: [] for section in dict.fromkeys(sections.values())}
     for f in dataclasses.fields(GRPOConfig):
         by_section.setdefault(sections.get(f.name, "other"), []).append(f)
     out = [HEADER]

@@ -42,12 +42,13 @@ from typing import Any
 
 import torch
 
+from grpokit.config import DISTRIBUTED
 from grpokit.losses import BatchTotals
 from grpokit.models.forward import completion_logps
 from grpokit.reporting.metrics import read_metrics
 from grpokit.training.checkpoint import rng_state
+from grpokit.util import check_choice
 
-MODES = ("ddp", "fsdp")
 WORLD_FILE = "world.json"
 
 
@@ -390,8 +391,7 @@ def parallelize(model: torch.nn.Module, ref_model: torch.nn.Module | None, mode:
     """Spread the policy and pi_ref over ``world``'s processes (nothing to do for one process). Every process
     starts from rank 0's weights. Call before building the optimizer (FSDP replaces the parameters).
     ``padding_free``: ``completion_logps``'s switch (FSDP-sharded models always take the padded forward)."""
-    if mode not in MODES:
-        raise ValueError(f"distributed must be one of {', '.join(MODES)}; got {mode!r}")
+    check_choice("distributed", mode, DISTRIBUTED)
     if world.world_size == 1:
         logps_of = functools.partial(completion_logps, padding_free=padding_free)
         reference = functools.partial(logps_of, ref_model) if ref_model is not None else None
