@@ -15,7 +15,7 @@ So the transient memory is one (chunk_size, V) logits buffer and a (<= 64 MiB) e
 fp32 weight-gradient accumulator in backward (0.8 GiB in all at the size above, against 9-12 GiB), at the
 price of one extra (B*T, H) x (H, V) matmul (the recomputation).
 
-Notation per row: ``z = (h @ W.T + b) / T``, ``p = softmax(z)``, ``logp = z - lse``,
+Notation per row, with tau the temperature: ``z = (h @ W.T + b) / tau``, ``p = softmax(z)``, ``logp = z - lse``,
 ``H = -sum_v p_v logp_v``. The two gradients used (``1_t`` is the one-hot of the target)::
 
     d logp_t / dz = 1_t - p
@@ -170,7 +170,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         low = None if cdtype == weight.dtype else torch.empty(rows, vocab, dtype=weight.dtype, device=dev)
         scratch = torch.empty(blk, vocab, dtype=cdtype, device=dev)
         logps = torch.empty(n_rows, dtype=cdtype, device=dev)
-        lse = torch.empty(n_rows, dtype=cdtype, device=dev)  # of z = logits / T
+        lse = torch.empty(n_rows, dtype=cdtype, device=dev)  # of z = logits / tau
         entropy = torch.empty(n_rows, dtype=cdtype, device=dev) if return_entropy else None
 
         for s in range(0, n_rows, chunk_size):
@@ -219,7 +219,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=cdtype, device=dev) if need_w else None  # fp32 accumulator
         grad_b = torch.zeros(vocab, dtype=cdtype, device=dev) if need_b else None
-        # dlogits = dz / T is linear in the upstream gradients: fold 1/T into them
+        # dlogits = dz / tau is linear in the upstream gradients: fold 1/tau into them
         g_lp = None if grad_logps is None else grad_logps.to(cdtype) / temperature
         g_ent = None if grad_entropy is None else grad_entropy.to(cdtype) / temperature
 
@@ -367,7 +367,7 @@ def token_kl_exact(
 
 
 def _tempered_log_softmax(h, weight, bias, temperature, cdtype):
-    """log_softmax((h @ W.T + b) / T) with the logits formed in the head's dtype (as ``nn.Linear``), the softmax
+    """log_softmax((h @ W.T + b) / temperature) with the logits formed in the head's dtype (as ``nn.Linear``), the softmax
     in ``cdtype``."""
     z = F.linear(h, weight, bias).to(cdtype)
     if temperature != 1.0:
