@@ -12,8 +12,8 @@ import argparse
 import time
 
 from grpokit import GRPOTrainer
-from grpokit.tasks.demo import char_tokenizer, letter_task, tiny_model
 from grpokit.cli.demo import demo_config
+from grpokit.tasks.demo import char_tokenizer, letter_task, tiny_model
 
 
 def main() -> None:
