@@ -29,21 +29,143 @@ def distinct_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return first, inverse
 
 
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")
+"""RoPE types whose cos/sin at a position are fixed once the module is built: one table serves every call. The
+``dynamic`` type rescales its frequencies with the longest position of each call and keeps state across
+calls (``dynamic_rope_update``), so a table built for a rollout, or one call over the packed tokens, would
+not give the frequencies of the Hugging Face forward that scores the batch; it is accepted only for
+lengths it leaves at the plain frequencies. ``longrope``, ``proportional`` and unknown types are refused."""
+
+NONLINEAR_SCALING = ("attn_logit_softcapping", "final_logit_softcapping")
+"""Config fields of other architectures (Gemma-2/3) that change attention or logits; not computed here."""
+
+MULTIPLIERS = ("logit_scale", "logits_scaling", "embedding_multiplier", "residual_multiplier", "attention_multiplier")
+"""Config fields of other architectures (Cohere, Granite) that scale embeddings, residuals, attention or
+logits; only their neutral value 1 (or absence) is reproduced."""
+
+
 def supports(model: torch.nn.Module, total_length: int) -> bool:
-    """Whether ``LlamaFamilyDecoder`` reproduces ``model`` for sequences of ``total_length`` tokens."""
+    """Whether ``LlamaFamilyDecoder`` and ``grpokit.models.packed`` reproduce ``model``'s forward for
+    sequences of ``total_length`` tokens (``unsupported_reason`` says why not)."""
+    return unsupported_reason(model, total_length) is None
+
+
+def unsupported_reason(model: torch.nn.Module, total_length: int) -> str | None:
+    """``None`` when the lean decoder and the padding-free forward can run ``model`` for sequences of
+    ``total_length`` tokens, else what stops them.
+
+    They read the model's modules and attributes directly (embeddings, every layer's norms, projections,
+    head size, attention scale, MLP, the rotary module and the LM head), so each one must be there with the
+    shape they assume, and nothing they do not compute may be switched on (another rope type, a sliding
+    window shorter than the sequence, soft-capping, multipliers). Only attribute reads: it runs per rollout."""
     config = getattr(model, "config", None)
-    if config is None or getattr(config, "model_type", None) not in SUPPORTED:
-        return False
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED:
+        return f"model_type {model_type!r} is not one of {', '.join(SUPPORTED)}"
     body = getattr(model, "model", None)
-    if body is None or not all(hasattr(body, a) for a in ("embed_tokens", "layers", "norm", "rotary_emb")):
-        return False
+    if body is None:
+        return "no model body (model.model)"
+    missing = [a for a in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(body, a)]
+    if missing:
+        return f"the model body lacks {', '.join(missing)}"
+    reason = _config_reason(config, total_length)
+    if reason is None:
+        reason = _body_reason(model, body, config, total_length)
+    return reason
+
+
+def _config_reason(config, total_length: int) -> str | None:
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        return "pretraining_tp is not 1"
     window = getattr(config, "sliding_window", None)
     uses_window = getattr(config, "use_sliding_window", window is not None) and window is not None
     if uses_window and window < total_length:  # would need a sliding mask
-        return False
-    if getattr(config, "pretraining_tp", 1) != 1 or model.get_output_embeddings() is None:
-        return False
-    return all(hasattr(layer, "self_attn") and hasattr(layer, "mlp") for layer in body.layers)
+        return f"a sliding window of {window} is shorter than {total_length} tokens"
+    for name in NONLINEAR_SCALING:
+        if getattr(config, name, None):
+            return f"{name} is set"
+    for name in MULTIPLIERS:
+        if getattr(config, name, None) not in (None, 1):
+            return f"{name} is not 1"
+    heads, kv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if not (isinstance(heads, int) and isinstance(kv, int) and 0 < kv <= heads and heads % kv == 0):
+        return "num_attention_heads is not a multiple of num_key_value_heads"
+    return None
+
+
+def _body_reason(model, body, config, total_length: int) -> str | None:
+    if not isinstance(getattr(body.embed_tokens, "weight", None), torch.Tensor):
+        return "embed_tokens has no weight"
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or not hasattr(head, "out_features"):
+        return "no linear output embeddings (LM head)"
+    if not _is_rms_norm(body.norm):
+        return "the final norm is not an RMSNorm with weight and variance_epsilon"
+    layers = body.layers
+    if len(layers) == 0 or getattr(config, "num_hidden_layers", None) != len(layers):
+        return "num_hidden_layers differs from the number of layers"
+    head_dim = getattr(getattr(layers[0], "self_attn", None), "head_dim", None)
+    if not isinstance(head_dim, int):
+        return "self_attn has no head_dim"
+    reason = _rope_reason(body.rotary_emb, head_dim, total_length)
+    if reason is not None:
+        return reason
+    qk_norm = config.model_type == "qwen3"  # per-head norms of q and k before rotary: Qwen3 only
+    heads, kv = config.num_attention_heads, config.num_key_value_heads
+    widths = {"q_proj": heads * head_dim, "k_proj": kv * head_dim, "v_proj": kv * head_dim}
+    for i, layer in enumerate(layers):
+        reason = _layer_reason(layer, widths, head_dim, qk_norm)
+        if reason is not None:
+            return f"layer {i}: {reason}"
+    return None
+
+
+def _rope_reason(rotary_emb, head_dim: int, total_length: int) -> str | None:
+    rope_type = getattr(rotary_emb, "rope_type", None)
+    if rope_type == "dynamic":
+        original = getattr(rotary_emb, "original_max_seq_len", None)
+        # Hugging Face restores the plain frequencies only below the original length (strictly)
+        if not isinstance(original, int) or total_length >= original:
+            return f"dynamic RoPE rescales at {total_length} tokens (from {original})"
+    elif not isinstance(rope_type, str) or rope_type not in STATIC_ROPE:
+        return f"rope_type {rope_type!r} is not one of {', '.join(STATIC_ROPE)} (or dynamic)"
+    inv_freq = getattr(rotary_emb, "inv_freq", None)
+    if not callable(rotary_emb) or not isinstance(inv_freq, torch.Tensor) or 2 * inv_freq.numel() != head_dim:
+        return "rotary_emb does not rotate the whole head"  # partial rotary, or no frequencies
+    return None
+
+
+def _layer_reason(layer, widths: dict[str, int], head_dim: int, qk_norm: bool) -> str | None:
+    attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    if attn is None or mlp is None:
+        return "no self_attn or mlp"
+    for name in ("input_layernorm", "post_attention_layernorm"):
+        if not _is_rms_norm(getattr(layer, name, None)):
+            return f"{name} is not an RMSNorm with weight and variance_epsilon"
+    if getattr(attn, "head_dim", None) != head_dim:
+        return "self_attn.head_dim differs from the first layer's"
+    if not isinstance(getattr(attn, "scaling", None), (int, float)):
+        return "self_attn has no scaling"
+    for name, width in widths.items():
+        if getattr(getattr(attn, name, None), "out_features", None) != width:
+            return f"self_attn.{name} does not give {width} features"
+    if not hasattr(getattr(attn, "o_proj", None), "out_features"):
+        return "self_attn has no o_proj"
+    if any(hasattr(attn, n) != qk_norm for n in ("q_norm", "k_norm")):
+        return "q_norm / k_norm present in a model that does not apply them, or missing from Qwen3"
+    if is_gated_mlp(mlp):
+        if not (callable(mlp.act_fn) and all(hasattr(getattr(mlp, p), "out_features")
+                                             for p in ("gate_proj", "up_proj", "down_proj"))):
+            return "the gated MLP's projections are not linear layers"
+    elif not isinstance(mlp, torch.nn.Module):
+        return "mlp is not a module"
+    return None
+
+
+def _is_rms_norm(norm) -> bool:
+    """Has what ``rms_norm`` reads (weight, variance_epsilon) and can be called, as the other dtypes do."""
+    return (isinstance(norm, torch.nn.Module) and isinstance(getattr(norm, "weight", None), torch.Tensor)
+            and isinstance(getattr(norm, "variance_epsilon", None), (int, float)))
 
 
 def rms_norm(norm: torch.nn.Module, x: torch.Tensor, folded: bool = False) -> torch.Tensor:
@@ -72,8 +194,9 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
     """HF's ``apply_rotary_pos_emb`` for one tensor, ``x * cos + rotate_half(x) * sin`` with
-    ``rotate_half(x) = (-x2, x1)``, written as ``x * cos + roll(x, half) * signed_sin(sin)``: two kernels
-    fewer (no negation, no concatenation); on (1442, 8, 64) 0.22 ms against 0.29 ms (benchmarks/cpu_kernels.py)."""
+    ``rotate_half(x) = (-x2, x1)``, written as ``x * cos + roll(x, half) * signed_sin(sin)``: the negation and
+    concatenation of ``rotate_half`` are paid once per table instead of per call, which leaves two kernels
+    fewer per rotation (figures: the rotary row of benchmarks/results/cpu_kernels.md)."""
     return torch.addcmul(x * cos, x.roll(x.size(-1) // 2, -1), sin_signed)
 
 
@@ -108,10 +231,10 @@ def is_gated_mlp(module: torch.nn.Module) -> bool:
 
 
 SHORT_ATTENTION = 128
-"""Up to this many keys, attention on a CPU is three plain ops (scores, softmax, weighted sum): on 2 cores,
-forward + backward at (64 rows, 4 heads, 36 keys, head size 64) took 5.1 ms against 7.1 ms for the fused
-``scaled_dot_product_attention`` kernel, and 39.6 ms against 44.8 ms at 128 keys; at 200 keys the fused
-kernel wins (95 ms against 139 ms; benchmarks/cpu_kernels.py). GPUs always take the fused kernel."""
+"""Up to this many keys, attention on a CPU is three plain ops (scores, softmax, weighted sum): for the short
+sequences of small-model GRPO the fused ``scaled_dot_product_attention`` kernel's fixed cost, forward and
+backward, outweighs what it saves, while from a few hundred keys on it is the faster one (the attention
+rows of benchmarks/results/cpu_kernels.md, from benchmarks/cpu_kernels.py). GPUs always take the fused kernel."""
 
 
 def attention_mask(mask: torch.Tensor, dtype: torch.dtype, keys: int) -> torch.Tensor:

@@ -11,7 +11,9 @@ training forward (``grpokit.models.packed`` or the Hugging Face model), so a dif
 changes which token is drawn, never what the loss scores.
 
 ``tests/rollout/test_lean.py`` checks its logits against the Hugging Face forward for every supported family,
-with left padding, to 1e-5. Any model it does not recognise falls back to the generic cache loop.
+with left padding, to 1e-5 in float32, in bfloat16 (to bfloat16 rounding), and for the scaled RoPE types.
+``grpokit.models.llama.supports`` decides which models it runs (every module and attribute it reads must be
+there, and nothing it does not compute switched on); any other model falls back to the generic cache loop.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from grpokit.models.llama import (
     rotary,
     signed_sin,
     supports,
+    unsupported_reason,
 )
 from grpokit.models.loading import base_model
 from grpokit.rollout.decode import local_rollout
@@ -68,20 +71,18 @@ class LlamaFamilyDecoder:
         self.prepared = [PreparedLayer(layer, B) for layer in body.layers]
         self.fold_final = foldable(body.norm, (self.head,))
         self.head_prepared = Stacked((self.head,), B, in_scale=body.norm.weight if self.fold_final else None)
-        # rotary cos/sin of every position this rollout can reach, computed once (plain RoPE only: the
-        # dynamic variants rescale with the sequence length, so they are recomputed per call)
-        self.rope_table = None
-        if getattr(body.rotary_emb, "rope_type", "default") == "default":
-            every = torch.arange(L, device=device)[None]  # (1, L)
-            cos, sin = body.rotary_emb(body.embed_tokens.weight[:1, None], every)  # 2 x (1, L, d)
-            self.rope_table = cos, signed_sin(sin)
+        # rotary cos/sin of every position this rollout can reach, computed once by the model's own rotary
+        # module. Valid because ``supports`` admits only RoPE whose cos/sin do not depend on the sequence
+        # length (``STATIC_ROPE``, or ``dynamic`` below its original length, where it is plain RoPE); a per-call
+        # ``rotary_emb`` for ``dynamic`` beyond it would rotate each cached key with the frequencies of its own
+        # step, not those of the forward that later scores the whole sequence.
+        every = torch.arange(L, device=device)[None]  # (1, L)
+        cos, sin = body.rotary_emb(body.embed_tokens.weight[:1, None], every)  # 2 x (1, L, d)
+        self.rope_table = cos[0], signed_sin(sin[0])  # (L, d) each
 
-    def _rope(self, x: torch.Tensor, position_ids: torch.Tensor):
-        if self.rope_table is None:
-            cos, sin = self.body.rotary_emb(x, position_ids)
-            return cos, signed_sin(sin)
+    def _rope(self, position_ids: torch.Tensor):
         cos, sin = self.rope_table
-        return cos[0, position_ids], sin[0, position_ids]  # (B, n, d) each
+        return cos[position_ids], sin[position_ids]  # (B, n, d) each
 
     def _layers(self, x: torch.Tensor, position_ids: torch.Tensor, start: int, mask: torch.Tensor) -> torch.Tensor:
         """x (B, n, H) at cache slots [start, start + n) -> last hidden states (B, n, H), final norm applied.
@@ -89,7 +90,7 @@ class LlamaFamilyDecoder:
         B, n, _ = x.shape
         mask = attention_mask(mask, x.dtype, start + n)
         end = start + n
-        cos, sin = self._rope(x, position_ids)
+        cos, sin = self._rope(position_ids)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, n, d): broadcast over heads
         d = self.head_dim
         for i, p in enumerate(self.prepared):
@@ -120,8 +121,11 @@ class LlamaFamilyDecoder:
 
     def select(self, index: torch.Tensor) -> None:
         """The batch becomes its rows ``index`` (b,) long, in that order: a row may be dropped or repeated."""
-        if 4 * self.filled >= self.cache.size(-2):  # one contiguous gather of every slot beats a strided copy
-            self.cache = self.cache.index_select(2, index)  # 49 of 56 rows, 25 of 36 slots: 1.6 ms against 3.3
+        # from a quarter of the slots written on, one contiguous gather of every slot (written or not) replaces a
+        # strided copy of the written ones, which costs more per byte (the cache row of
+        # benchmarks/results/cpu_kernels.md compares the two)
+        if 4 * self.filled >= self.cache.size(-2):
+            self.cache = self.cache.index_select(2, index)
         else:  # right after the prefill: gather only the slots written so far
             cache = self.cache.new_empty(self.cache.shape[:2] + (index.numel(),) + self.cache.shape[3:])
             cache[..., :self.filled, :] = self.cache[..., :self.filled, :].index_select(2, index)
@@ -153,16 +157,17 @@ class LlamaFamilyDecoder:
 
 
 ONEDNN_MIN_WEIGHT = 256 * 256
-"""Smaller weights keep ``F.linear``: on them oneDNN's per-call overhead outweighs its gain (a rollout of the
-hidden-64 model: 19.0 ms with every weight on oneDNN, 13.9 ms with none; benchmarks/cpu_kernels.py)."""
+"""Smaller weights keep ``F.linear``: on them oneDNN's per-call overhead outweighs what its blocked layout saves
+(the rollout rows of benchmarks/results/cpu_kernels.md compare this threshold with oneDNN for every weight and
+for none)."""
 
 
 class Stacked:
     """Plain ``nn.Linear`` layers that read the same input, prepared once per rollout as one matmul: weights
-    stacked (q/k/v, gate/up), and on a CPU in float32 reordered into oneDNN's blocked layout, which multiplies a
-    batch of 64 rows by a (1024, 256) weight in 0.21 ms against 0.46 ms for ``F.linear`` (2 cores, weights not
-    in cache); a rollout of the 6-layer, hidden-256 model took 257 ms with it against 300 ms without
-    (benchmarks/cpu_kernels.py). Other modules (LoRA layers, quantised linears) are called one by one.
+    stacked (q/k/v, gate/up), so that a decode step runs one matmul where it would run two or three, and on a
+    CPU in float32 reordered once into oneDNN's blocked layout, which oneDNN multiplies faster than
+    ``F.linear`` multiplies the plain weight when the weight is large enough (``ONEDNN_MIN_WEIGHT``; figures in
+    benchmarks/results/cpu_kernels.md). Other modules (LoRA layers, quantised linears) are called one by one.
     ``__call__(h)`` -> one output per layer."""
 
     def __init__(self, linears, batch_size: int, in_scale: torch.Tensor | None = None,
@@ -275,8 +280,8 @@ class LeanEngine:
             start = start_hf(model)
         else:
             raise ValueError(f"rollout_engine 'lean' supports Llama-family models (llama, mistral, qwen2, qwen3) "
-                             f"without pretraining_tp or a sliding window shorter than the sequence; "
-                             f"{type(model).__name__} is not one: use rollout_engine 'auto' or 'hf'")
+                             f"whose forward it reproduces; {type(model).__name__} is not one "
+                             f"({unsupported_reason(model, length)}): use rollout_engine 'auto' or 'hf'")
         return local_rollout(model, self.tokenizer, prompts, params, start)
 
     def sync_weights(self, model: torch.nn.Module) -> float:

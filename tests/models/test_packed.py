@@ -1,6 +1,8 @@
 """The packed, prefix-shared training forward (grpokit.models.packed) against the Hugging Face forward, held to
 float64 rounding (1e-12) with the ``exact_norms`` fixture (tests/conftest.py)."""
 
+import copy
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -10,7 +12,7 @@ from grpokit.logprobs import hidden_states, lm_head_of, token_logprobs
 from grpokit.models import packed
 from grpokit.models.forward import completion_logps
 from grpokit.rollout import position_ids_from_mask
-from tests.rollout.test_lean import tiny
+from tests.rollout.test_lean import DYNAMIC, ROPE_VARIANTS, tiny
 
 FAMILIES = [("llama", {}), ("llama", {"tie_word_embeddings": True}), ("mistral", {}), ("qwen2", {}), ("qwen3", {})]
 
@@ -64,6 +66,65 @@ def test_float32_and_bfloat16_match_too(dtype, atol):
     got = completion_logps(model, *batch) * batch[3]
     want = hugging_face_logps(model, *batch, 1.0)[0] * batch[3]
     torch.testing.assert_close(got, want, rtol=0, atol=atol)
+
+
+ROPE_MODELS = {  # the batch's 9 columns reach position 8: dynamic stays below its 16 original positions
+    **{name: {"rope_parameters": params} for name, params in ROPE_VARIANTS.items()},
+    "dynamic": {"rope_parameters": DYNAMIC, "max_position_embeddings": 16},
+}
+
+
+def rope_model(name, **extra):
+    return tiny("llama", initializer_range=0.1, **copy.deepcopy(ROPE_MODELS[name]), **extra)
+
+
+@pytest.mark.parametrize("variant", list(ROPE_MODELS))
+def test_scaled_rope_matches_the_hugging_face_forward(variant, exact_norms):
+    model = rope_model(variant).double().train()
+    batch = grpo_batch()
+    mask = batch[3]
+    assert packed.supports(model, 9)
+    got = values_and_grads(model, lambda: completion_logps(model, *batch, return_entropy=True), mask)
+    want = values_and_grads(model, lambda: hugging_face_logps(model, *batch, 1.0), mask)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=1e-12)
+    for name in want[2]:
+        torch.testing.assert_close(got[2][name], want[2][name], rtol=0, atol=1e-12, msg=name)
+    if variant != "dynamic":  # the scaling reaches the log-probs (dynamic is plain RoPE at this length)
+        plain = tiny("llama", initializer_range=0.1).double()
+        plain.load_state_dict(model.state_dict())
+        assert (hugging_face_logps(plain, *batch, 1.0)[0] * mask - want[0]).abs().max() > 1e-2
+
+
+def test_dynamic_rope_past_its_original_length_uses_the_hugging_face_forward():
+    """Past its original length dynamic RoPE takes its frequencies from the longest position of the call (and
+    keeps them for shorter later calls): the packed tokens leave out each row's last one, so their call need
+    not see the padded forward's longest position. ``supports`` refuses it and the padded forward runs."""
+    model = tiny("llama", initializer_range=0.1, max_position_embeddings=4,
+                 rope_parameters=copy.deepcopy(DYNAMIC)).double()
+    batch = grpo_batch()
+    mask = batch[3]
+    assert not packed.supports(model, 9)
+    with torch.no_grad():
+        want = hugging_face_logps(model, *batch, 1.0)[0] * mask
+        torch.testing.assert_close(completion_logps(model, *batch) * mask, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family,variant", [("llama", None), ("mistral", None), ("qwen2", None), ("qwen3", None),
+                                            *[("llama", name) for name in ROPE_VARIANTS]])
+def test_bfloat16_log_probs_match_the_hugging_face_bfloat16_forward(family, variant):
+    """Log-probs near log(1/37) = -3.6: bfloat16 spaces numbers of that size 2**-6 = 0.016 apart, and the two
+    forwards round in different places (stacked projections, attention layout, the packed rotary call), so
+    they differ by up to about one such step (measured: 0.011 at most here, close to how far the Hugging Face
+    bfloat16 forward is from its float32 one). 2e-2 passes that and still fails a wrong rotation: with these
+    weights (initializer_range 0.1) RoPE scaled by 1.5 instead of not at all moves them by 0.03 or more; the
+    float32 and float64 tests hold the formula itself to rounding."""
+    model = (rope_model(variant) if variant else tiny(family, initializer_range=0.1)).to(torch.bfloat16)
+    batch = grpo_batch()
+    assert packed.supports(model, 9)
+    with torch.no_grad():
+        got = completion_logps(model, *batch) * batch[3]
+        want = hugging_face_logps(model, *batch, 1.0)[0] * batch[3]
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=2e-2)
 
 
 def test_padded_slots_are_zero_and_shared_prompts_are_computed_once():
