@@ -367,8 +367,8 @@ def token_kl_exact(
 
 
 def _tempered_log_softmax(h, weight, bias, temperature, cdtype):
-    """log_softmax((h @ W.T + b) / temperature) with the logits formed in the head's dtype (as ``nn.Linear``), the softmax
-    in ``cdtype``."""
+    """log_softmax((h @ W.T + b) / temperature) with the logits formed in the head's dtype (as ``nn.Linear``),
+    the softmax in ``cdtype``."""
     z = F.linear(h, weight, bias).to(cdtype)
     if temperature != 1.0:
         z.div_(temperature)
