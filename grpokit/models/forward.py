@@ -1,4 +1,9 @@
-"""The training forward: log-probs (and entropy) of each completion token under the policy."""
+"""The training forward: log-probs (and entropy) of each completion token under the policy.
+
+Under ``torch.autocast`` (bf16 mixed precision: ``GRPOConfig.bf16``) the body's matmuls run in bfloat16 as
+autocast decides, and the LM head's chunks take the head weight in the autocast dtype too (``head_in``); the
+log-sum-exp, the log-probs, the entropy and everything after them are float32.
+"""
 
 from __future__ import annotations
 
@@ -38,9 +43,19 @@ def completion_logps(
     hidden = hidden_states(model, input_ids, attention_mask,
                            position_ids=position_ids_from_mask(attention_mask))  # (N, P + C, H)
     hidden = hidden[:, P - 1:-1]  # (N, C, H): the state at t - 1 predicts completion token t
-    weight, bias = lm_head_of(model)
+    hidden, weight, bias = head_in(hidden, *lm_head_of(model))
     return token_logprobs(hidden, weight, completion_ids, temperature=temperature, bias=bias,
                           chunk_size=chunk_size, return_entropy=return_entropy)
+
+
+def head_in(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """``(hidden, weight, bias)`` in one dtype for ``token_logprobs``: under autocast, its dtype (the cast of
+    the float32 master weight is differentiable, so its gradient reaches the master in float32); otherwise
+    the weight's."""
+    device = hidden.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))
+    return cast(hidden), cast(weight), cast(bias)
 
 
 def packed_completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *, temperature=1.0,
@@ -49,7 +64,7 @@ def packed_completion_logps(model, prompt_ids, prompt_mask, completion_ids, comp
     padded slots (after each EOS) get 0, a value no loss reads (every loss masks them)."""
     where = completion_mask.bool()  # (N, C)
     hidden = packed.completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask)  # (M, H)
-    weight, bias = lm_head_of(packed.base_model(model))
+    hidden, weight, bias = head_in(hidden, *lm_head_of(packed.base_model(model)))
     out = token_logprobs(hidden, weight, completion_ids[where], temperature=temperature, bias=bias,
                          chunk_size=chunk_size, return_entropy=return_entropy)
     out = out if return_entropy else (out,)

@@ -35,12 +35,14 @@ def _vllm_engine(model, tokenizer, **options):
 
 
 ENGINES = {
-    "auto": lambda model, tokenizer, **options: LeanEngine(model, tokenizer, fallback=True),
-    "lean": lambda model, tokenizer, **options: LeanEngine(model, tokenizer),
-    "hf": lambda model, tokenizer, **options: HFEngine(model, tokenizer),
+    "auto": lambda model, tokenizer, compute_dtype=None: LeanEngine(model, tokenizer, fallback=True,
+                                                                    compute_dtype=compute_dtype),
+    "lean": lambda model, tokenizer, compute_dtype=None: LeanEngine(model, tokenizer, compute_dtype=compute_dtype),
+    "hf": lambda model, tokenizer, compute_dtype=None: HFEngine(model, tokenizer, compute_dtype=compute_dtype),
     "vllm": _vllm_engine,
 }
-"""``rollout_engine`` name -> builder ``(model, tokenizer, **options) -> RolloutEngine``."""
+"""``rollout_engine`` name -> builder ``(model, tokenizer, **options) -> RolloutEngine``; the in-process
+engines take ``compute_dtype`` (bf16 mixed precision), vLLM its ``vllm_*`` settings."""
 
 
 def make_engine(name: str, model: torch.nn.Module, tokenizer, **options) -> RolloutEngine:

@@ -48,7 +48,11 @@ class LlamaFamilyDecoder:
     Shapes: B rows, P prompt columns, L = P + max_new_tokens cache slots, H hidden, h heads of size d.
     """
 
-    def __init__(self, model: torch.nn.Module, prompt_mask: torch.Tensor, max_new_tokens: int):
+    def __init__(self, model: torch.nn.Module, prompt_mask: torch.Tensor, max_new_tokens: int,
+                 compute_dtype: torch.dtype | None = None):
+        """``compute_dtype`` (bf16 mixed precision): the projections, attention and KV cache run in it, from a
+        per-rollout copy of the weights in that dtype; the residual stream and the norms stay in the model's
+        dtype (float32 master weights), as under autocast. ``None``: everything in the model's dtype."""
         body = model.model
         self.model, self.body = model, body
         self.head = model.get_output_embeddings()
@@ -58,7 +62,8 @@ class LlamaFamilyDecoder:
         self.head_dim = attn.head_dim
         num_kv = model.config.num_key_value_heads
         L = P + max_new_tokens
-        dtype = body.embed_tokens.weight.dtype
+        dtype = compute_dtype or body.embed_tokens.weight.dtype  # of the projections, attention and cache
+        self.compute_dtype = dtype
         device = prompt_mask.device
         # every layer's keys and values in one tensor (layers, 2, B, kv, L, d): ``keep`` copies it in one op
         self.cache = torch.zeros(len(body.layers), 2, B, num_kv, L, self.head_dim, dtype=dtype, device=device)
@@ -68,9 +73,10 @@ class LlamaFamilyDecoder:
         self.positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P), as the training forward uses
         self.next_position = prompt_mask.sum(-1, keepdim=True)  # (B, 1)
         # per layer, the projections prepared once per rollout (q/k/v stacked, gate/up stacked; see Stacked)
-        self.prepared = [PreparedLayer(layer, B) for layer in body.layers]
+        self.prepared = [PreparedLayer(layer, B, dtype) for layer in body.layers]
         self.fold_final = foldable(body.norm, (self.head,))
-        self.head_prepared = Stacked((self.head,), B, in_scale=body.norm.weight if self.fold_final else None)
+        self.head_prepared = Stacked((self.head,), B, in_scale=body.norm.weight if self.fold_final else None,
+                                     dtype=dtype)
         # rotary cos/sin of every position this rollout can reach, computed once by the model's own rotary
         # module. Valid because ``supports`` admits only RoPE whose cos/sin do not depend on the sequence
         # length (``STATIC_ROPE``, or ``dynamic`` below its original length, where it is plain RoPE); a per-call
@@ -78,7 +84,7 @@ class LlamaFamilyDecoder:
         # step, not those of the forward that later scores the whole sequence.
         every = torch.arange(L, device=device)[None]  # (1, L)
         cos, sin = body.rotary_emb(body.embed_tokens.weight[:1, None], every)  # 2 x (1, L, d)
-        self.rope_table = cos[0], signed_sin(sin[0])  # (L, d) each
+        self.rope_table = cos[0].to(dtype), signed_sin(sin[0]).to(dtype)  # (L, d) each
 
     def _rope(self, position_ids: torch.Tensor):
         cos, sin = self.rope_table
@@ -88,7 +94,7 @@ class LlamaFamilyDecoder:
         """x (B, n, H) at cache slots [start, start + n) -> last hidden states (B, n, H), final norm applied.
         ``mask``: (B, 1, n, start + n) bool, True where a query may see a key."""
         B, n, _ = x.shape
-        mask = attention_mask(mask, x.dtype, start + n)
+        mask = attention_mask(mask, self.compute_dtype, start + n)
         end = start + n
         cos, sin = self._rope(position_ids)
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, n, d): broadcast over heads
@@ -100,9 +106,9 @@ class LlamaFamilyDecoder:
                 qkv = p.qkv.whole(h).view(B, n, heads + 2 * kv, d).transpose(1, 2)  # (B, h + 2 kv, n, d)
                 qk, v = rotary(qkv[:, :heads + kv], cos, sin), qkv[:, heads + kv:]
             else:  # projections called one by one (LoRA), or Qwen3's per-head norms of q and k before rotary
-                q, k, v = (t.view(B, n, -1, d) for t in p.qkv(h))  # (B, n, heads, d)
+                q, k, v = (t.view(B, n, -1, d).to(self.compute_dtype) for t in p.qkv(h))  # (B, n, heads, d)
                 if p.qk_norm is not None:
-                    q, k = p.qk_norm[0](q), p.qk_norm[1](k)
+                    q, k = p.qk_norm[0](q).to(self.compute_dtype), p.qk_norm[1](k).to(self.compute_dtype)
                 qk, v = rotary(torch.cat([q, k], 2).transpose(1, 2), cos, sin), v.transpose(1, 2)
             q, k = qk.split([heads, kv], dim=1)
             keys, values = self.cache[i]  # (B, kv, L, d) each
@@ -115,7 +121,7 @@ class LlamaFamilyDecoder:
                 gate, up = p.gate_up(h)
                 x = p.down.add(p.act_fn(gate) * up, x)
             else:
-                x = x + p.mlp(h)
+                x = x + p.mlp(h)  # a non-gated MLP module: in the model's dtype
         self.filled = end
         return rms_norm(self.body.norm, x, self.fold_final)
 
@@ -171,10 +177,12 @@ class Stacked:
     ``__call__(h)`` -> one output per layer."""
 
     def __init__(self, linears, batch_size: int, in_scale: torch.Tensor | None = None,
-                 out_scale: torch.Tensor | None = None):
+                 out_scale: torch.Tensor | None = None, dtype: torch.dtype | None = None):
         """``in_scale`` (in,) multiplies the stacked weight's columns, ``out_scale`` (out,) its rows and bias
-        (a folded norm weight, a folded attention scale); they need a stacked weight (``fused_weight``)."""
+        (a folded norm weight, a folded attention scale); they need a stacked weight (``fused_weight``).
+        ``dtype``: the stacked weight is cast to it after scaling (bf16 mixed precision), and inputs with it."""
         self.linears, self.sizes = linears, [m.out_features for m in linears]
+        self.dtype = dtype
         self.weight = self.bias = self.onednn = None
         stacked = fused_weight(linears)
         if stacked is None:
@@ -186,6 +194,9 @@ class Stacked:
         if out_scale is not None:
             self.weight.mul_(out_scale[:, None])
             self.bias = None if self.bias is None else self.bias.mul_(out_scale)
+        if dtype is not None and dtype != self.weight.dtype:
+            self.weight = self.weight.to(dtype)
+            self.bias = None if self.bias is None else self.bias.to(dtype)
         cpu_float32 = self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
         if cpu_float32 and self.weight.numel() >= ONEDNN_MIN_WEIGHT and torch.backends.mkldnn.is_available():
             try:
@@ -194,20 +205,21 @@ class Stacked:
                 self.onednn = None
 
     def __call__(self, h: torch.Tensor) -> list[torch.Tensor]:
-        if self.weight is None:
+        if self.weight is None:  # modules called as they are, in their own dtype
             return [m(h) for m in self.linears]
         return list(self.whole(h).split(self.sizes, dim=-1))
 
     def whole(self, h: torch.Tensor) -> torch.Tensor:
         """The stacked output, not split (a stacked weight only)."""
         if self.onednn is None:
-            return F.linear(h, self.weight, self.bias)
+            return F.linear(h.to(self.weight.dtype), self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(h, self.onednn, self.bias, "none", [], "")
 
     def add(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + self(h)[0]`` for one layer; with oneDNN weights the addition is fused into the matmul."""
         if self.onednn is None:
-            return residual + self(h)[0]
+            out = self(h)[0] if self.weight is None else self.whole(h)
+            return residual + out.to(residual.dtype)
         return torch.ops.mkldnn._linear_pointwise.binary(h, residual, self.onednn, self.bias, "add")
 
 
@@ -218,7 +230,7 @@ class PreparedLayer:
     follows q (Qwen3); the same logits up to float32 rounding, with fewer elementwise kernels per token
     (``tests/rollout/test_lean.py`` checks them against the Hugging Face forward)."""
 
-    def __init__(self, layer: torch.nn.Module, batch_size: int):
+    def __init__(self, layer: torch.nn.Module, batch_size: int, dtype: torch.dtype | None = None):
         a, mlp = layer.self_attn, layer.mlp
         self.input_norm, self.post_norm = layer.input_layernorm, layer.post_attention_layernorm
         self.heads, self.kv_heads = a.q_proj.out_features // a.head_dim, a.k_proj.out_features // a.head_dim
@@ -233,25 +245,26 @@ class PreparedLayer:
                 out_scale = torch.ones(sum(m.out_features for m in qkv), dtype=w.dtype, device=w.device)
                 out_scale[:a.q_proj.out_features] = a.scaling
                 self.scaling = 1.0
-        self.qkv = Stacked(qkv, batch_size, in_scale=in_scale, out_scale=out_scale)
-        self.o = Stacked((a.o_proj,), batch_size)
+        self.qkv = Stacked(qkv, batch_size, in_scale=in_scale, out_scale=out_scale, dtype=dtype)
+        self.o = Stacked((a.o_proj,), batch_size, dtype=dtype)
         self.mlp, self.act_fn = mlp, getattr(mlp, "act_fn", None)
         self.gate_up = self.down = None
         self.fold_post_norm = False
         if is_gated_mlp(mlp):
             gate_up = (mlp.gate_proj, mlp.up_proj)
             self.fold_post_norm = foldable(self.post_norm, gate_up)
-            self.gate_up = Stacked(gate_up, batch_size, in_scale=self.post_norm.weight if self.fold_post_norm else None)
-            self.down = Stacked((mlp.down_proj,), batch_size)
+            self.gate_up = Stacked(gate_up, batch_size, in_scale=self.post_norm.weight if self.fold_post_norm else None,
+                                   dtype=dtype)
+            self.down = Stacked((mlp.down_proj,), batch_size, dtype=dtype)
 
 
-def start_lean(model: torch.nn.Module):
+def start_lean(model: torch.nn.Module, compute_dtype: torch.dtype | None = None):
     """The ``Start`` of ``LlamaFamilyDecoder``: a group's G rows share one prompt, so each distinct prompt is
     run once, then its cache and logits repeated."""
 
     def start(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, max_new_tokens: int):
         first, index = distinct_rows(torch.cat([prompt_ids, prompt_mask], 1))  # (U,), (B,)
-        decoder = LlamaFamilyDecoder(model, prompt_mask[first], max_new_tokens)
+        decoder = LlamaFamilyDecoder(model, prompt_mask[first], max_new_tokens, compute_dtype)
         logits = decoder.prefill(prompt_ids[first])  # (U, V)
         if first.numel() < prompt_ids.size(0):
             decoder.select(index)
@@ -264,20 +277,23 @@ def start_lean(model: torch.nn.Module):
 class LeanEngine:
     """``rollout_engine: lean`` (and ``auto`` for Llama-family models): ``LlamaFamilyDecoder`` over the
     training weights, in place. ``fallback``: a model or length it does not support is sampled by the
-    generic Hugging Face loop instead (``auto``); otherwise that is an error."""
+    generic Hugging Face loop instead (``auto``); otherwise that is an error. ``compute_dtype``: bf16 mixed
+    precision (``LlamaFamilyDecoder``; the generic loop runs under autocast)."""
 
     name = "lean"
 
-    def __init__(self, model: torch.nn.Module, tokenizer, *, fallback: bool = False):
+    def __init__(self, model: torch.nn.Module, tokenizer, *, fallback: bool = False,
+                 compute_dtype: torch.dtype | None = None):
         self.model, self.tokenizer, self.fallback = model, tokenizer, fallback
+        self.compute_dtype = compute_dtype
 
     def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> Rollout:
         model = base_model(self.model)  # a peft model samples through the model it wraps, LoRA layers included
         length = max(len(p) for p in prompts) + params.max_new_tokens
         if supports(model, length):
-            start = start_lean(model)
+            start = start_lean(model, self.compute_dtype)
         elif self.fallback:
-            start = start_hf(model)
+            start = start_hf(model, self.compute_dtype)
         else:
             raise ValueError(f"rollout_engine 'lean' supports Llama-family models (llama, mistral, qwen2, qwen3) "
                              f"whose forward it reproduces; {type(model).__name__} is not one "
