@@ -86,8 +86,11 @@ class Timers:
 
 
 def run_grpokit(scale: dict, out_dir: str) -> dict:
+    import grpokit.rewards as rewards_module
     import grpokit.training.trainer as trainer_module
     from grpokit import GRPOConfig, GRPOTrainer
+    from grpokit.rollout.hf import HFEngine
+    from grpokit.rollout.lean import LeanEngine
 
     model, tokenizer, data = build(scale)
     args = GRPOConfig(output_dir=out_dir, seed=SEED, max_steps=scale["steps"], learning_rate=LR,
@@ -95,8 +98,9 @@ def run_grpokit(scale: dict, out_dir: str) -> dict:
                       max_completion_length=scale["max_len"], beta=0.0, save_steps=0,
                       logging_steps=max(1, scale["steps"] // 4))
     timers = Timers()
-    timers.wrap(trainer_module, "generate", "generation")
-    timers.wrap(trainer_module, "score", "scoring")
+    timers.wrap(LeanEngine, "generate", "generation")
+    timers.wrap(HFEngine, "generate", "generation")
+    timers.wrap(trainer_module if hasattr(trainer_module, "score") else rewards_module, "score", "scoring")
     timers.wrap(trainer_module.GRPOTrainer, "frozen_logps", "logprob forwards")
     timers.wrap(trainer_module.GRPOTrainer, "update", "train step")
     trainer = GRPOTrainer(model, "char_match", data, args=args, tokenizer=tokenizer)

@@ -73,11 +73,18 @@ def check_peft_section(section: Any) -> dict[str, Any] | None:
 
 
 LR_SCHEDULERS = ("constant", "linear", "cosine")
-REPORT_TO = ("none", "jsonl", "tensorboard")
+REPORT_TO = ("none", "jsonl", "tensorboard", "wandb", "trackio", "mlflow", "all")
+"""``report_to`` names: the trackers of ``grpokit.reporting.trackers.TRACKERS`` (a test holds them equal), plus
+``jsonl`` / ``none`` (no tracker) and ``all``."""
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 DISTRIBUTED = ("ddp", "fsdp")
 ROLLOUT_ENGINES = ("auto", "lean", "hf", "vllm")
+PROMPT_TRUNCATION = ("left", "error")
+REWARD_ON_ERROR = ("raise", "none")
+"""``reward_on_error`` values: ``grpokit.rewards.runner.ON_ERROR`` (a test holds them equal)."""
 """``rollout_engine`` values: the keys of ``grpokit.rollout.ENGINES`` (a test holds them equal)."""
+TOOL_CALL_PARSERS = ("auto", "hermes", "compact")
+"""Built-in ``tool_call_parser`` names: ``grpokit.rollout.tools.PARSERS`` (a test holds them equal)."""
 
 
 @dataclass
@@ -144,8 +151,11 @@ class GRPOConfig(LossConfig):
 
     # ---- generation --------------------------------------------------------------------------------------
     max_prompt_length: int | None = 512
-    """Prompts longer than this many tokens keep their last ones (left truncation). ``None``: no limit.
-    (TRL 1.16 dropped this option; older TRL defaulted to 512.)"""
+    """Prompts longer than this many tokens keep their last ones (left truncation) or are an error, as
+    ``prompt_truncation`` says. ``None``: no limit. (TRL 1.16 dropped this option; older TRL defaulted to 512.)"""
+    prompt_truncation: str = "left"
+    """What a prompt longer than ``max_prompt_length`` gets: ``left`` keeps its last tokens (a warning names
+    the first such dataset row, and the run ends with their count), ``error`` stops the run naming the row."""
     system_prompt: str | None = None
     """Prepended to chat prompts as a ``{"role": "system"}`` message (a row whose messages already start with
     a system message keeps its own), and to string prompts as plain text followed by a blank line. Reward
@@ -184,6 +194,23 @@ class GRPOConfig(LossConfig):
     """``rollout_engine: vllm``: run without CUDA graphs / compilation (faster start, slower decoding).
     ``None``: eager on a CPU, graphs on CUDA."""
 
+    # ---- multi-turn rollouts (GRPOTrainer's tools / environment_factory; grpokit.rollout.multi_turn) ----------
+    max_tool_calling_iterations: int | None = None
+    """Most rounds of tool calls in one episode (TRL's name); the model's turn after the last round ends the
+    episode whatever it says. ``None``: no limit but ``max_completion_length``, which bounds the whole
+    transcript (model and tool tokens) and defines truncation."""
+    max_turn_length: int | None = None
+    """Most tokens the model samples in one turn of an episode. ``None``: whatever the transcript has left of
+    ``max_completion_length``."""
+    tool_call_parser: Any = "auto"
+    """How tool calls are read from a model turn (``grpokit.rollout.tools``): ``hermes`` (Hermes / Qwen
+    ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``), ``compact`` (``!name arg ...`` lines, a name
+    cut to a prefix only one tool has; for tiny models), ``auto`` (``hermes`` for chat prompts, ``compact`` for
+    plain-string prompts), ``"module:function"`` or a callable ``str -> [{"name": str, "arguments": dict}]``."""
+    tool_timeout: float | None = None
+    """Seconds a tool call may run before the model reads a timeout error instead of its result. ``None``: no
+    limit."""
+
     # ---- loss (grpokit.losses.LossConfig) ----------------------------------------------------------------
     # loss_type, beta, epsilon_low, epsilon_high, delta, importance_sampling_level, kl_estimator,
     # sapo_temperature_pos, sapo_temperature_neg: inherited from LossConfig, which declares and checks them
@@ -197,6 +224,16 @@ class GRPOConfig(LossConfig):
     """Leave completions that hit ``max_completion_length`` without EOS out of the loss (DAPO)."""
     reward_weights: list[float] | None = None
     """One weight per reward function (weighted sum, None entries skipped); ``None``: all 1."""
+    reward_timeout_s: float | None = None
+    """Seconds one call of a reward function may take (``grpokit.rewards.runner``): a module-level function runs
+    in a worker process, killed and replaced when it overruns; an ``async def`` function is cancelled; other
+    callables (lambdas, closures, objects) run in a thread that is no longer waited for. ``None``: no limit,
+    every function called directly in this process."""
+    reward_on_error: str = "raise"
+    """When a reward function raises, times out, or returns NaN or inf for a sample: ``raise`` stops the run
+    with one line naming the function, the dataset row and the exception, after saving a checkpoint of the last
+    finished step; ``none`` scores that sample ``None`` (left out of its group's baseline, like an unscored
+    sample) and counts it in ``rewards/<name>/errors`` / ``rewards/<name>/timeouts``."""
 
     # ---- beyond outcome GRPO: advantages, process supervision, DAPO, KL, iterative RL, mismatch --------------
     advantage_estimator: str = "grpo"
@@ -244,23 +281,75 @@ class GRPOConfig(LossConfig):
     tis_cap: float = 2.0
     """Upper cap of the TIS weight (> 0)."""
 
+    # ---- data and evaluation (grpokit.training.data, grpokit.training.evaluate) -----------------------------
+    dataset_config: str | None = None
+    """The configuration (subset) of a dataset loaded by name with ``datasets.load_dataset`` (its ``name``)."""
+    dataset_split: str = "train"
+    """The split of the training dataset (a dataset by name, a data folder or a ``DatasetDict``)."""
+    eval_dataset: str | None = None
+    """Prompts to evaluate on: a file, a data folder or a dataset name, as the training dataset
+    (``GRPOTrainer(eval_dataset=...)`` also takes a ``Dataset`` or a list of dicts). ``None``: with
+    ``eval_split``, that split of the training dataset; else no evaluation."""
+    eval_split: str | None = None
+    """The split of ``eval_dataset``, or, without one, of the training dataset (``test``...); ``None``: ``train``
+    for ``eval_dataset``."""
+    eval_steps: int = 0
+    """Evaluate every this many optimizer steps, and before the first and after the last: the policy answers
+    the eval prompts through the run's rollout engine and ``eval/reward``, ``eval/rewards/<name>``,
+    ``eval/pass@k`` and ``eval/completion_length`` join the metrics row of that step (step 0: a row of its
+    own). 0: never."""
+    num_generations_eval: int | None = None
+    """Completions per eval prompt, n; ``eval/pass@k`` is reported for k = 1, 2, 4... up to n (TRL's name).
+    ``None``: ``num_generations``."""
+    eval_temperature: float | None = None
+    """Sampling temperature of the evaluation; 0: greedy (the most likely token, as ``top_k`` 1). ``None``: the
+    training ``temperature``."""
+    eval_threshold: float = 1.0
+    """An eval completion counts as correct for pass@k when its combined reward is >= this."""
+
     # ---- bookkeeping -------------------------------------------------------------------------------------
     save_steps: int = 500
     """Write ``checkpoint-<step>/`` every this many optimizer steps (and always at the end); 0: only at the end."""
     save_total_limit: int | None = None
-    """Keep only the newest this many checkpoints; ``None``: keep all."""
+    """Keep only the newest this many checkpoints (plus the best one with ``metric_for_best_model``); ``None``:
+    keep all. The checkpoint just written is never deleted."""
+    metric_for_best_model: str | None = None
+    """A ``metrics.jsonl`` key (e.g. ``reward``): the checkpoint whose step logged its best value is kept beyond
+    ``save_total_limit`` and named in each checkpoint's ``trainer_state.json`` (``best_model_checkpoint``,
+    ``best_metric``). ``None``: no best checkpoint."""
+    greater_is_better: bool | None = None
+    """Whether a larger ``metric_for_best_model`` is better. ``None``: yes, unless its name ends in ``loss``
+    (transformers' rule)."""
     logging_steps: int = 10
     """Print a progress line every this many steps when stdout is not a TTY (``metrics.jsonl`` gets every
     step regardless)."""
     log_completions_steps: int = 0
     """Every this many steps, print a table of sample prompts, completions, rewards and advantages, and
     append that rollout's completions to ``samples.jsonl``. 0: never."""
-    report_to: str = "jsonl"
-    """``jsonl``, ``tensorboard`` (also TensorBoard event files in ``output_dir/tensorboard/``) or ``none``;
-    ``metrics.jsonl`` is written in every case."""
+    report_to: str | list[str] = "jsonl"
+    """Experiment trackers that get the run's config, every metrics row, the completion samples of
+    ``log_completions_steps`` as a table and ``metrics.png`` (``docs/tracking.md``): one name or a list of
+    ``tensorboard`` (event files in ``output_dir/tensorboard/``), ``wandb``, ``trackio``, ``mlflow``; ``all``
+    (every one whose package is installed, as transformers), ``jsonl`` or ``none`` (no tracker).
+    ``metrics.jsonl`` is written in every case; only rank 0 reports under torchrun."""
+    run_name: str | None = None
+    """The run's name in the trackers (transformers' name); ``None``: each tracker makes one up."""
+    project: str | None = None
+    """The trackers' project (wandb, trackio) or experiment (MLflow); ``None``: ``WANDB_PROJECT`` /
+    ``MLFLOW_EXPERIMENT_NAME`` where set, else ``grpokit``."""
+    push_to_hub: bool = False
+    """At the end, upload ``output_dir/final/`` (model or LoRA adapters, tokenizer, model card) to the Hugging
+    Face Hub repository ``hub_model_id``, created if needed (``huggingface_hub``; needs a login)."""
+    hub_model_id: str | None = None
+    """The Hub repository of ``push_to_hub``, ``user/name`` or ``name``; ``None``: the name of ``output_dir``."""
     dtype: str = "float32"
-    """Parameter dtype: ``float32`` (default; TRL uses bf16 on GPUs), ``float64`` (exactness checks),
-    ``bfloat16``, ``float16``."""
+    """Parameter dtype: ``float32`` (default), ``float64`` (exactness checks), ``bfloat16``, ``float16``. The
+    whole model, optimizer state included, is cast to it; for mixed precision keep ``float32`` and set ``bf16``."""
+    bf16: bool = False
+    """bf16 mixed precision (TRL's name): float32 master weights and AdamW state, bfloat16 compute through
+    ``torch.autocast`` in the training forward and the rollout-time log-probs, bfloat16 projections and KV cache
+    in the in-process samplers (``lean``, ``hf``); log-sum-exps, log-probs, the loss and its reductions stay
+    float32. Fastest on GPUs and on CPUs with bfloat16 matrix units (AVX-512 BF16, AMX)."""
     logprob_chunk_size: int | None = None
     """Tokens per chunk when computing log-probs through the LM head (bounds the B*T*V logits memory);
     ``None``: ``grpokit.logprobs``'s default."""
@@ -326,6 +415,7 @@ class GRPOConfig(LossConfig):
 
         if self.max_prompt_length is not None:
             check_int("max_prompt_length", self.max_prompt_length, low=1)
+        check_choice("prompt_truncation", self.prompt_truncation, PROMPT_TRUNCATION)
         check_int("max_completion_length", self.max_completion_length, low=1)
         if self.system_prompt is not None and not isinstance(self.system_prompt, str):
             raise ValueError(f"system_prompt must be a string or null, got {self.system_prompt!r}")
@@ -347,10 +437,23 @@ class GRPOConfig(LossConfig):
         check_int("save_steps", self.save_steps, low=0)
         if self.save_total_limit is not None:
             check_int("save_total_limit", self.save_total_limit, low=1)
+        if self.metric_for_best_model is not None and (not isinstance(self.metric_for_best_model, str)
+                                                       or not self.metric_for_best_model):
+            raise ValueError(f"metric_for_best_model must be a metrics key such as 'reward', or null; got "
+                             f"{self.metric_for_best_model!r}")
+        if self.greater_is_better is not None:
+            check_bool("greater_is_better", self.greater_is_better)
+        if self.reward_timeout_s is not None:
+            check_real("reward_timeout_s", self.reward_timeout_s, low=0.0, strict=True)
+        check_choice("reward_on_error", self.reward_on_error, REWARD_ON_ERROR)
         check_int("logging_steps", self.logging_steps, low=1)
-        check_choice("report_to", self.report_to, REPORT_TO)
+        self._check_reporting()
         check_int("log_completions_steps", self.log_completions_steps, low=0)
         check_choice("dtype", self.dtype, DTYPES)
+        check_bool("bf16", self.bf16)
+        if self.bf16 and self.dtype != "float32":
+            raise ValueError(f"bf16: true keeps float32 master weights and computes in bfloat16; it needs dtype "
+                             f"float32, got dtype {self.dtype!r} (or drop bf16 to train wholly in {self.dtype})")
         if self.logprob_chunk_size is not None:
             check_int("logprob_chunk_size", self.logprob_chunk_size, low=1)
         check_choice("distributed", self.distributed, DISTRIBUTED)
@@ -360,7 +463,37 @@ class GRPOConfig(LossConfig):
         check_bool("overwrite_output_dir", self.overwrite_output_dir)
         self._check_extensions()
         self._check_engine()
+        self._check_multi_turn()
         self.loss_config()  # LossConfig validates the loss fields and names the culprit
+
+    def _check_reporting(self) -> None:
+        """Validation of ``report_to``, the tracker settings, the data and evaluation fields and the Hub push."""
+        names = [self.report_to] if isinstance(self.report_to, str) else self.report_to
+        if not isinstance(names, (list, tuple)) or not names:
+            raise ValueError(f"report_to must be a name or a list of names ({', '.join(REPORT_TO)}), "
+                             f"got {self.report_to!r}")
+        for name in names:
+            check_choice("report_to", name, REPORT_TO)
+        if len(names) > 1 and any(name in ("all", "none") for name in names):
+            raise ValueError(f"report_to: 'all' and 'none' stand alone, got {list(names)!r}")
+        if not isinstance(self.report_to, str):
+            self.report_to = list(names)
+        for name in ("run_name", "project", "hub_model_id", "dataset_config", "eval_dataset", "eval_split"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty string or null, got {value!r}")
+        if not isinstance(self.dataset_split, str) or not self.dataset_split:
+            raise ValueError(f"dataset_split must be a non-empty string, got {self.dataset_split!r}")
+        check_bool("push_to_hub", self.push_to_hub)
+        check_int("eval_steps", self.eval_steps, low=0)
+        if self.num_generations_eval is not None:
+            check_int("num_generations_eval", self.num_generations_eval, low=1)
+        if self.eval_temperature is not None:
+            check_real("eval_temperature", self.eval_temperature, low=0.0)
+        check_real("eval_threshold", self.eval_threshold, low=float("-inf"))
+        if (self.eval_dataset is not None or self.eval_split is not None) and not self.eval_steps:
+            raise ValueError("eval_dataset / eval_split are set but eval_steps is 0: set eval_steps (optimizer "
+                             "steps between evaluations)")
 
     def _check_extensions(self) -> None:
         """Validation of the fields of the "beyond outcome GRPO" section."""
@@ -424,6 +557,19 @@ class GRPOConfig(LossConfig):
         if self.vllm_enforce_eager is not None:
             check_bool("vllm_enforce_eager", self.vllm_enforce_eager)
 
+    def _check_multi_turn(self) -> None:
+        """Validation of the multi-turn fields."""
+        for name in ("max_tool_calling_iterations", "max_turn_length"):
+            if getattr(self, name) is not None:
+                check_int(name, getattr(self, name), low=0 if name == "max_tool_calling_iterations" else 1)
+        parser = self.tool_call_parser
+        if not callable(parser) and (not isinstance(parser, str) or (parser not in TOOL_CALL_PARSERS
+                                                                     and ":" not in parser)):
+            raise ValueError(f"tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, 'module:function' "
+                             f"or a callable, got {parser!r}")
+        if self.tool_timeout is not None:
+            check_real("tool_timeout", self.tool_timeout, low=0.0, strict=True)
+
     def engine_options(self) -> dict[str, Any]:
         """The settings of the chosen ``rollout_engine`` (the ``vllm_*`` fields without their prefix, plus the
         lengths and seed it plans with); empty for the in-process engines."""
@@ -482,7 +628,13 @@ class GRPOConfig(LossConfig):
         return cls.from_dict(read_yaml(path))
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "epsilon"}
+        """Every field (but ``epsilon``), as YAML writes it: a callable ``tool_call_parser`` as its
+        ``"module:function"``."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "epsilon"}
+        if callable(out["tool_call_parser"]):
+            parser = out["tool_call_parser"]
+            out["tool_call_parser"] = f"{parser.__module__}:{getattr(parser, '__qualname__', type(parser).__name__)}"
+        return out
 
     def to_yaml(self, path: str | Path | None = None) -> str:
         """The resolved config as YAML (every field, in declaration order); written to ``path`` if given."""

@@ -21,9 +21,11 @@ The math is elsewhere: ``grpo_loss`` (eq. 3 and variants), ``group_advantages`` 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -40,25 +42,51 @@ from grpokit.models.lora import adapters_disabled, is_peft_model, load_trained_w
 from grpokit.models.prepare import prepare_model
 from grpokit.reporting.backends import CompletionSamples, Reporter
 from grpokit.reporting.metrics import MetricsLogger, plot_metrics, preload_plotting, read_metrics
-from grpokit.rewards import Scores, load_reward_funcs, score
+from grpokit.reporting.trackers import check_trackers
+from grpokit.rewards import RewardError, RewardRunner, Scores, failure_metrics, load_reward_funcs, score
 from grpokit.rewards.learned import RewardModelUpdates, learned_rewards
 from grpokit.rewards.process import score_steps, step_advantages
 from grpokit.rollout import SamplingParams, make_engine, token_lists
+from grpokit.rollout.multi_turn import add_totals as add_episode_totals
+from grpokit.rollout.multi_turn import episode_metrics, make_sampler
 from grpokit.training.batch import Batch
 from grpokit.training.chat import with_system_prompt
 from grpokit.training.checkpoint import (
+    STATE_FILE,
     TrainingState,
+    check_best_metric,
     load_checkpoint_state,
     remove_partial_checkpoints,
+    rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from grpokit.training.data import PromptOrder, encode_prompt, is_chat, load_prompts
-from grpokit.training.distributed import RowsLogger, global_totals, init_world, parallelize, rollout_shard, sampler_seed
+from grpokit.training.data import PromptLimit, PromptOrder, check_prompt_rows, eval_prompts, is_chat, load_prompts
+from grpokit.training.distributed import (
+    RowsLogger,
+    agreed,
+    global_totals,
+    init_world,
+    parallelize,
+    rollout_shard,
+    sampler_seed,
+)
 from grpokit.training.dynamic_sampling import Sampled, gather_informative
+from grpokit.training.evaluate import TrainingEval, eval_sampling
 from grpokit.training.guards import is_finite_update, non_finite_error
+from grpokit.training.model_card import (
+    FINAL_DIR,
+    PLOT_FILE,
+    dataset_name,
+    model_card,
+    model_name,
+    push_to_hub,
+    run_description,
+    write_final,
+)
 from grpokit.training.reference import exact_kl_metrics, make_reference, sync_alpha, sync_reference
 from grpokit.training.run_dir import begin_run, check_output_dir, resume_point
+from grpokit.training.signals import GracefulStop, stop_message
 from grpokit.util import nan_to_none, seed_everything
 
 
@@ -76,10 +104,16 @@ class GRPOTrainer:
         ref_model: pi_ref (path or module). ``None``: a frozen copy of the initial policy when beta > 0.
         tokenizer: a tokenizer or a path; ``None`` loads it from ``model`` when that is a path.
         processing_class: TRL's name for ``tokenizer`` (either may be given).
+        eval_dataset: prompts evaluated every ``eval_steps`` (as ``train_dataset``; ``None``: ``args.eval_dataset``).
+        tools, environment_factory, rollout_func: multi-turn rollouts, TRL's arguments
+            (``grpokit.rollout.multi_turn``): tool functions the model may call, a callable making one
+            environment per completion (its methods are tools, ``get_reward()`` a reward), or
+            ``rollout_func(prompts, trainer) -> dict`` sampling the completions itself.
     """
 
     def __init__(self, model, reward_funcs, train_dataset, args: GRPOConfig | None = None, *, ref_model=None,
-                 tokenizer=None, processing_class=None):
+                 tokenizer=None, processing_class=None, tools=None, environment_factory=None, rollout_func=None,
+                 eval_dataset=None):
         if processing_class is not None:  # TRL's name for the tokenizer
             if tokenizer is not None:
                 raise ValueError("give tokenizer= or processing_class=, not both")
@@ -87,12 +121,28 @@ class GRPOTrainer:
         self.args = args = args if args is not None else GRPOConfig()
         self.dtype = torch_dtype(args.dtype)
         # cheap checks first: a typo in a reward name should not wait for a model to load
+        self.agent = make_sampler(args, tools=tools, environment_factory=environment_factory, rollout_func=rollout_func)
+        self.reward_weights = args.reward_weights
+        if self.agent is not None:  # an environment's own reward joins the reward functions (weight 1, as TRL)
+            reward_funcs, self.reward_weights = self.agent.with_environment_reward(reward_funcs, args.reward_weights)
         self.reward_funcs = load_reward_funcs(reward_funcs, max_completion_length=args.max_completion_length)
-        if args.reward_weights is not None and len(args.reward_weights) != len(self.reward_funcs):
-            raise ValueError(f"reward_weights has {len(args.reward_weights)} entries for "
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} entries for "
                              f"{len(self.reward_funcs)} reward functions")
-        self.dataset = with_system_prompt(load_prompts(train_dataset), args.system_prompt)
+        self.dataset = with_system_prompt(check_prompt_rows(load_prompts(  # a bad row: one line naming it
+            train_dataset, name=args.dataset_config, split=args.dataset_split, what="train_dataset")),
+                                          args.system_prompt)
+        eval_data = eval_prompts(eval_dataset if eval_dataset is not None else args.eval_dataset, train_dataset,
+                                 eval_split=args.eval_split, dataset_config=args.dataset_config)
+        if (eval_data is None) == bool(args.eval_steps):
+            raise ValueError("eval_steps needs eval_dataset (or eval_split)" if args.eval_steps else
+                             "eval_dataset is given but eval_steps is 0: set eval_steps")
+        self.run = run_description(args.to_dict(), model=model_name(model), dataset=dataset_name(train_dataset),
+                                   reward_funcs=[f.name for f in self.reward_funcs])
+        check_trackers(args.report_to)  # a tracker's missing package, before the model loads
         self.columns = [c for c in self.dataset.column_names if c != "prompt"]
+        if self.agent is not None:
+            self.agent.check_columns(self.columns)
         self.world = init_world()  # one process, or this one's place among torchrun's (grpokit.training.distributed)
         self.shard = rollout_shard(args, self.world)  # which of a rollout's prompts this process samples
         for name in ("dynamic_sampling", "reward_model_update_steps"):
@@ -120,12 +170,18 @@ class GRPOTrainer:
         if self.ref_model is None and args.beta > 0 and is_peft_model(self.model):  # LoRA: pi_ref = the base
             self.parallel.reference = adapters_disabled(self.model, self.parallel.policy)  # model, no copy
 
-        self.engine = make_engine(args.rollout_engine, self.model, self.tokenizer, **args.engine_options())
+        # bf16 mixed precision: float32 master weights and AdamW state, bfloat16 compute (``autocast``)
+        self.compute_dtype = torch.bfloat16 if args.bf16 else None
+        engine_options = args.engine_options()
+        if args.rollout_engine != "vllm":  # the in-process engines sample in the training compute dtype
+            engine_options["compute_dtype"] = self.compute_dtype
+        self.engine = make_engine(args.rollout_engine, self.model, self.tokenizer, **engine_options)
         self.sampling = SamplingParams(  # the engine's settings; the generator is the trainer's, checkpointed
             max_new_tokens=args.max_completion_length, eos_token_ids=tuple(self.eos_token_ids),
             pad_token_id=self.tokenizer.pad_token_id, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
             generator=None)
         self._weight_sync_s = 0.0  # seconds spent pushing weights into the engine for the current rollout
+        self._episode_totals: dict[str, float] = {}  # multi-turn: turns, tool calls, tokens of the current rollout
 
         self.optimizer = make_optimizer(self.model, args)
         self.scheduler = make_scheduler(self.optimizer, args)
@@ -138,7 +194,19 @@ class GRPOTrainer:
         self._batch: Batch | None = None  # the rollout being trained on, until its mu * S steps are done
         self._rollout_metrics: dict[str, float] = {}
         self._prompt_cache: dict[int, list[int]] = {}
+        self.prompt_limit = PromptLimit(self.tokenizer, args.max_prompt_length, args.prompt_truncation)
+        # reward_timeout_s / reward_on_error: how reward functions are called (grpokit.rewards.runner)
+        self.reward_runner = RewardRunner(args.reward_timeout_s, args.reward_on_error)
+        self.resume_hint = "trainer.train(resume_from_checkpoint=True), or grpokit train --config <run.yaml> --resume"
+        """What a run stopped by a signal prints as the way to continue it (the CLI names its own command)."""
+        self.stopped_by: str | None = None  # the signal that stopped the last train(), if one did
         self._samples: CompletionSamples | None = None  # the last rollout's, for log_completions_steps
+        self.evaluation = None if eval_data is None else TrainingEval(  # eval_steps: its own generator
+            with_system_prompt(eval_data, args.system_prompt), self.reward_funcs, self.tokenizer,
+            params=eval_sampling(self.sampling, args.eval_temperature), every=args.eval_steps,
+            max_steps=args.max_steps, num_samples=args.num_generations_eval or args.num_generations,
+            threshold=args.eval_threshold, seed=args.seed, max_prompt_length=args.max_prompt_length,
+            batch_size=args.rollout_size, reward_weights=self.reward_weights, device=self.generator.device)
 
     # ------------------------------------------------------------------------------------------------------
 
@@ -165,18 +233,23 @@ class GRPOTrainer:
                                rows=self.history if checkpoint is not None else None)
         self.history = logger.rows  # the same list, growing: each checkpoint saves the rows so far
         reporter = Reporter(output_dir, report_to=args.report_to, log_completions_steps=args.log_completions_steps,
-                            start_step=self.step, enabled=self.world.is_main)  # TensorBoard, samples.jsonl
+                            start_step=self.step, enabled=self.world.is_main, config=self.run,
+                            run_name=args.run_name, project=args.project)  # trackers, samples.jsonl
+        # eval_steps: the policy before training, logged with the first step (a failed start writes nothing)
+        pending = [{"step": 0, **self.evaluate()}] if self.evaluation is not None and self.step == 0 else []
         steps_per_rollout_cycle = args.steps_per_rollout_cycle  # mu * steps_per_rollout
         saved_at = self.step if resume_from_checkpoint else None
         if self.world.is_main:  # rank 0 draws metrics.png at the end; it imports matplotlib meanwhile
             preload_plotting()
         self.model.train()
+        stop = GracefulStop().install()  # SIGTERM, SIGINT, SIGUSR1: stop after this step (grpokit.training.signals)
         try:
             while self.step < args.max_steps:
                 start = time.perf_counter()
                 # 1-4. a fresh rollout when the previous one has fed its mu * S optimizer steps
                 if self._batch is None:
-                    self._batch, self._rollout_metrics = self.rollout()
+                    with self.checkpoint_on_reward_error(saved=saved_at == self.step):
+                        self._batch, self._rollout_metrics = self.rollout()
                 # 5. one optimizer step on mini-batch k of pass k // S
                 k = self.step % steps_per_rollout_cycle
                 mini = self._batch[self.mini_batch_rows(k % args.steps_per_rollout)]
@@ -190,20 +263,85 @@ class GRPOTrainer:
                 num_tokens = step_metrics.pop("num_tokens")
                 row = {"step": self.step, **self._rollout_metrics, **step_metrics, "step_time": elapsed,
                        "tokens_per_s": num_tokens / elapsed}
-                logger.log(row)
-                reporter.log(row, self._samples)
+                if self.evaluation is not None and self.evaluation.due(self.step):
+                    row.update(self.evaluate())
+                check_best_metric(args.metric_for_best_model, row)
+                for done in [*pending, row]:
+                    reporter.log(done, self._samples if done is row else None)  # a tracker that fails to start
+                    logger.log(done)  # stops the run before an overwritten run's files go
+                pending = []
                 if args.save_steps and self.step % args.save_steps == 0:
                     self.save_checkpoint()
                     saved_at = self.step
+                if stop.should_stop(self.world):  # a stop signal: this step is the last (every process agrees)
+                    break
             if saved_at != self.step:
                 self.save_checkpoint()
+            self.stopped_by = stop.requested
+            if self.world.is_main:
+                for line in (self.prompt_limit.summary(), stop.requested and stop_message(
+                        stop.requested, self.step, args.max_steps, output_dir / f"checkpoint-{self.step}",
+                        self.resume_hint)):
+                    if line:
+                        print(line, file=sys.stderr, flush=True)
+            if self.history and self.world.is_main:
+                plot_metrics(self.history, output_dir / "metrics.png")
+                reporter.log_image(output_dir / "metrics.png")
+                if stop.requested is None:
+                    self.save_model()  # output_dir/final: model, tokenizer, model card
         finally:
+            stop.restore()
+            self.reward_runner.close()
             logger.close()
             reporter.close()
             self.history = logger.rows
-        if self.history and self.world.is_main:
-            plot_metrics(self.history, output_dir / "metrics.png")
+        if self.args.push_to_hub and self.world.is_main:
+            push_to_hub(output_dir / FINAL_DIR, self.hub_repo())
         return self.history
+
+    def evaluate(self) -> dict[str, float | None]:
+        """The ``eval/*`` metrics of the policy as it is now on the eval prompts (``eval_steps``), sampled by
+        the run's rollout engine (``grpokit.training.evaluate.TrainingEval``)."""
+        with self.parallel.full_weights():  # FSDP: the whole policy on every process while sampling
+            self.engine.sync_weights(self.model)
+            return self.evaluation.run(self.engine)
+
+    def save_model(self, output_dir: str | Path | None = None) -> Path:
+        """TRL's ``save_model``: the model (or LoRA adapters) and tokenizer of the current step, loadable with
+        ``from_pretrained``, with a model card ``README.md`` and ``metrics.png``, in ``output_dir`` (default
+        ``output_dir/final``; ``grpokit.training.model_card``). Rank 0 writes it; ``train`` calls it at the end."""
+        out = Path(self.args.output_dir)
+        checkpoint = out / f"checkpoint-{self.step}"
+        if not (checkpoint / STATE_FILE).is_file():
+            checkpoint = self.save_checkpoint()  # under torchrun, every process takes part
+        dest = Path(output_dir or out / FINAL_DIR)
+        if not self.world.is_main:
+            return dest
+        card = model_card(self.run, self.history, adapters=is_peft_model(self.model), location=str(dest),
+                          repo_id=self.hub_repo() if self.args.push_to_hub else None,
+                          has_plot=(out / PLOT_FILE).is_file())
+        return write_final(dest, checkpoint, card, out / PLOT_FILE)
+
+    def hub_repo(self) -> str:
+        """``hub_model_id``, else the name of ``output_dir`` (as transformers)."""
+        return self.args.hub_model_id or Path(self.args.output_dir).resolve().name
+
+    @contextlib.contextmanager
+    def checkpoint_on_reward_error(self, saved: bool):
+        """Around a rollout: a reward function that fails it (``reward_on_error: raise``) stops the run, once
+        the last finished step is checkpointed as if the rollout had not begun (data order and RNGs put back),
+        so that a resumed run redoes that rollout. ``saved``: that step's checkpoint is already written."""
+        order, rng = self.order.state_dict(), rng_state(self.generator)
+        try:
+            yield
+        except RewardError as e:
+            if self.step == 0:
+                raise RewardError(f"{e}; no optimizer step had been done, so no checkpoint was written") from e
+            self.order.load_state_dict(order)
+            set_rng_state(rng, self.generator)
+            path = Path(self.args.output_dir) / f"checkpoint-{self.step}" if saved else self.save_checkpoint()
+            raise RewardError(f"{e}; the run stopped after step {self.step}, saved in {str(path)!r}: fix the function "
+                              "and resume (--resume)") from e
 
     def mini_batch_rows(self, index: int) -> slice:
         """Rows of mini-batch ``index`` of a rollout: consecutive blocks, so groups stay together. Under
@@ -217,7 +355,7 @@ class GRPOTrainer:
         """Steps 1-4 as a pipeline, each step a function from record to record: sample and score (1-2),
         advantages (3), then the rollout-time log-probs: pi_old, pi_ref, the KL reward, TIS weights (4).
         Returns the batch and its metrics."""
-        self._weight_sync_s = 0.0
+        self._weight_sync_s, self._episode_totals = 0.0, {}
         sampled, metrics = self.sample_scored()  # 1-2
         metrics["rollout/weight_sync_s"] = self._weight_sync_s
         batch = self.with_advantages(sampled)  # 3
@@ -236,6 +374,8 @@ class GRPOTrainer:
         # under torchrun, means over every process's loss tokens (sequence-level TIS: its completions)
         rows = {"tis/mean_weight": float((batch.loss_mask.sum(-1) > 0).sum())} if self.args.tis == "sequence" else {}
         metrics = self.world.weighted_mean(metrics, float(batch.loss_mask.sum()), rows)
+        if self.agent is not None:  # per episode: turns, tool calls and failures, model and environment tokens
+            metrics.update(episode_metrics(self.world.sum_floats(self._episode_totals)))
         if policy_logps is not None:  # the engine's log-probs against the trainer's, at the same weights
             metrics.update(self.mismatch(mismatch_totals(policy_logps, batch.sampling_logps, batch.loss_mask)))
         return batch, {**self.rollout_summary(sampled), **metrics}
@@ -274,6 +414,8 @@ class GRPOTrainer:
                                             args.scale_rewards)
             advantages = self.shard.local(advantages)
         loss_mask = rollout.completion_mask
+        if rollout.model_mask is not None:  # multi-turn: the model's tokens only, never the environment's
+            loss_mask = loss_mask * rollout.model_mask
         if args.mask_truncated_completions:
             loss_mask = loss_mask * (~rollout.is_truncated).long().unsqueeze(1)  # (N, C)
         return Batch(prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask,
@@ -307,7 +449,7 @@ class GRPOTrainer:
         gradient (``kl_reward_to_go``); ``kl`` logs the rollout's mean k1."""
         if not self.args.kl_in_reward:
             return batch, {}
-        mask = batch.completion_mask.to(policy_logps.dtype)
+        mask = batch.loss_mask.to(policy_logps.dtype)  # the model's tokens: environment tokens are no actions
         kl_rtg = kl_reward_to_go(policy_logps, batch.ref_logps, mask, self.args.beta)  # (N, C)
         advantages = batch.advantages.view(len(batch), -1).to(kl_rtg.dtype) + kl_rtg
         k1 = (policy_logps - batch.ref_logps) * batch.loss_mask
@@ -318,7 +460,7 @@ class GRPOTrainer:
         """``tis``: the capped weights pi_old / pi_sampler per token or per sequence (``mismatch.tis_weights``)."""
         if not self.args.tis:
             return batch
-        weights = tis_weights(policy_logps, batch.sampling_logps, batch.completion_mask, level=self.args.tis,
+        weights = tis_weights(policy_logps, batch.sampling_logps, batch.loss_mask, level=self.args.tis,
                               cap=self.args.tis_cap)
         return dataclasses.replace(batch, tis_weights=weights)
 
@@ -328,7 +470,8 @@ class GRPOTrainer:
         scores = Scores(rewards=self.shard.gather(sampled.scores.rewards),
                         per_func=self.shard.gather(sampled.scores.per_func))
         lengths, truncated = (self.shard.gather(t) for t in (rollout.completion_mask.sum(-1), rollout.is_truncated))
-        return rollout_metrics(scores, self.reward_funcs, lengths, truncated, self.args.num_generations)
+        failures = failure_metrics(self.shard.gather(sampled.scores.failures), self.reward_funcs)  # errors, timeouts
+        return {**rollout_metrics(scores, self.reward_funcs, lengths, truncated, self.args.num_generations), **failures}
 
     def sample_groups(self, num_prompts: int) -> Sampled:
         """Steps 1-2 for the next ``num_prompts`` prompts: G completions each (a group's rows consecutive),
@@ -336,21 +479,36 @@ class GRPOTrainer:
         args, G = self.args, self.args.num_generations
         rows = self.shard.take(self.order.take(num_prompts))  # under torchrun, this process's share
         examples = [self.dataset[i] for i in rows]
-        prompt_tokens = [self.encode(i, ex["prompt"]) for i, ex in zip(rows, examples)]
+        prompts = [ex["prompt"] for ex in examples for _ in range(G)]
+        columns = {c: [ex[c] for ex in examples for _ in range(G)] for c in self.columns}
         with self.parallel.full_weights():  # FSDP: the whole policy on every process while sampling
             self._weight_sync_s += self.engine.sync_weights(self.model)
-            rollout = self.engine.generate([p for p in prompt_tokens for _ in range(G)], self.sampling)
-        # TRL's contract: chat prompts get chat-shaped completions
-        prompts = [ex["prompt"] for ex in examples for _ in range(G)]
-        completions = [[{"role": "assistant", "content": text}] if is_chat(p) else text
-                       for p, text in zip(prompts, rollout.texts)]
+            if self.agent is None:
+                prompt_tokens = [self.encode(i, ex["prompt"]) for i, ex in zip(rows, examples)]
+                rollout = self.engine.generate([p for p in prompt_tokens for _ in range(G)], self.sampling)
+            else:  # tools, environments or a rollout_func: multi-turn episodes (grpokit.rollout.multi_turn)
+                episodes = self.agent.sample(self.engine, self.tokenizer, prompts,
+                                             [ex for ex in examples for _ in range(G)], self.sampling, group_size=G,
+                                             owner=self)
+        if self.agent is None:  # TRL's contract: chat prompts get chat-shaped completions
+            completions = [[{"role": "assistant", "content": text}] if is_chat(p) else text
+                           for p, text in zip(prompts, rollout.texts)]
+            step_texts = rollout.texts
+        else:  # the episodes' own (TRL's contract), the whole conversation as ``messages``
+            rollout, prompts, completions, step_texts = (episodes.rollout, episodes.prompts, episodes.completions,
+                                                         episodes.last_texts)
+            columns.update(episodes.columns)
+            self._episode_totals = add_episode_totals(self._episode_totals, episodes.totals)
         completion_ids = token_lists(rollout.completion_ids, rollout.completion_mask)
-        columns = {c: [ex[c] for ex in examples for _ in range(G)] for c in self.columns}
-        if args.process_supervision:
-            scores = score_steps(self.reward_funcs, args.reward_weights, prompts, completions, completion_ids, columns,
-                                 rollout.texts, args.step_delimiter)
+        calls = dict(runner=self.reward_runner, rows=[i for i in rows for _ in range(G)])  # rows: for error messages
+        if args.process_supervision:  # agreed: under torchrun, a reward failure on one process stops them all
+            scores = agreed(self.world, score_steps, self.reward_funcs, self.reward_weights, prompts, completions,
+                            completion_ids, columns, step_texts, args.step_delimiter, **calls)
+            if self.agent is not None:  # step ends in the last turn's text -> in the transcript's
+                scores = dataclasses.replace(scores, char_ends=episodes.transcript_ends(scores.char_ends))
         else:
-            scores = score(self.reward_funcs, args.reward_weights, prompts, completions, completion_ids, columns)
+            scores = agreed(self.world, score, self.reward_funcs, self.reward_weights, prompts, completions,
+                            completion_ids, columns, **calls)
         return Sampled(rollout=rollout, scores=scores, prompts=prompts, completions=completions,
                        completion_ids=completion_ids, columns=columns)
 
@@ -386,11 +544,12 @@ class GRPOTrainer:
                     entropy = micro.sampling_entropy
                     logps = torch.zeros_like(entropy)
                 else:
-                    logps, entropy = self.parallel.policy(
-                        micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask,
-                        temperature=self.args.temperature, chunk_size=self.args.logprob_chunk_size,
-                        return_entropy=True,
-                    )  # (n, C) each
+                    with self.autocast():  # backward then runs in the dtypes the forward chose
+                        logps, entropy = self.parallel.policy(
+                            micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask,
+                            temperature=self.args.temperature, chunk_size=self.args.logprob_chunk_size,
+                            return_entropy=True,
+                        )  # (n, C) each, float32
                     if on_policy:
                         gap = add_totals(gap, mismatch_totals(logps, micro.sampling_logps, micro.loss_mask))
                 out = grpo_loss(logps, micro.advantages, micro.loss_mask, old_logps=micro.old_logps,
@@ -458,18 +617,24 @@ class GRPOTrainer:
             return {}
         return self.reward_model_updates.maybe_update(self.step)
 
+    def autocast(self):
+        """bfloat16 autocast on the policy's device with ``bf16``; a no-op context otherwise."""
+        device = next(self.model.parameters()).device.type
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=self.compute_dtype is not None)
+
     @torch.no_grad()
     def frozen_logps(self, logps_of, batch: Batch) -> torch.Tensor:
         """log-probs (N, C) of the sampled tokens under a model as it is now, micro-batch by micro-batch;
         ``logps_of``: ``self.parallel.policy`` or ``.reference`` (``completion_logps`` of that model)."""
-        parts = [logps_of(b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask,
-                          temperature=self.args.temperature, chunk_size=self.args.logprob_chunk_size)
-                 for b in batch.split(self.args.micro_batch)]
+        with self.autocast():  # as the training forward: pi_old / pi_ref in the same precision as pi_theta
+            parts = [logps_of(b.prompt_ids, b.prompt_mask, b.completion_ids, b.completion_mask,
+                              temperature=self.args.temperature, chunk_size=self.args.logprob_chunk_size)
+                     for b in batch.split(self.args.micro_batch)]
         return torch.cat(parts, dim=0)
 
     def encode(self, row: int, prompt) -> list[int]:
         if row not in self._prompt_cache:
-            self._prompt_cache[row] = encode_prompt(self.tokenizer, prompt, self.args.max_prompt_length)
+            self._prompt_cache[row] = self.prompt_limit(row, prompt)  # max_prompt_length, prompt_truncation
         return self._prompt_cache[row]
 
     # ------------------------------------------------------------------------------------------------------
@@ -487,12 +652,14 @@ class GRPOTrainer:
                 save_checkpoint, self.args.output_dir, state=state, model=self.model, tokenizer=self.tokenizer,
             optimizer=self.optimizer, scheduler=self.scheduler, generator=self.generator, ref_model=self.ref_model,
             rollout=rollout, save_total_limit=self.args.save_total_limit,
+            metric_for_best_model=self.args.metric_for_best_model, greater_is_better=self.args.greater_is_better,
         )
 
     def resume(self, path: Path) -> None:
         """Restore everything ``save_checkpoint`` wrote, so the run continues as if never stopped."""
         state, tensors = load_checkpoint_state(path)
-        tensors = self.parallel.checkpoint_tensors(path, tensors)  # under torchrun: this process's RNG, rollout
+        # under torchrun: this process's RNG and rollout (re-split when the process count changed)
+        tensors = self.parallel.checkpoint_tensors(path, tensors, device=self.generator.device)
         self.parallel.load_weights(self.model, path, load_trained_weights)  # LoRA: the adapters
         if self.ref_model is not None and (path / "ref_model").is_dir():
             self.parallel.load_weights(self.ref_model, path / "ref_model", load_weights)
