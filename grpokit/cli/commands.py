@@ -31,14 +31,17 @@ def add_commands(sub) -> None:
                        description="Sample completions with grpokit's sampler, score them with reward functions, "
                                    "and report the mean reward and pass@k (Chen et al. 2021, unbiased).")
     p.add_argument("--model", required=True, help="model folder, hub id, or a LoRA checkpoint of grpokit train")
-    p.add_argument("--dataset", required=True, help="prompts (.jsonl/.json/.parquet/.csv or save_to_disk folder)")
+    p.add_argument("--dataset", required=True,
+                   help="prompts: a .jsonl/.json/.parquet/.csv file, a data or save_to_disk folder, or a dataset name")
+    p.add_argument("--split", default="train", help="the dataset's split (default train)")
+    p.add_argument("--dataset-config", default=None, metavar="NAME", help="the configuration of a dataset by name")
     p.add_argument("--reward", required=True, action="append", metavar="R",
                    help="reward function (built-in name, module:function, file.py:function); repeat to sum several")
     p.add_argument("--k", type=int, default=8, help="pass@k's k (default 8); also reports pass@1, 2, 4...")
     p.add_argument("--num-samples", type=int, default=None, metavar="N",
                    help="completions per prompt, >= k (default k); more lowers pass@k's variance")
     p.add_argument("--max-completion-length", type=int, default=256, metavar="N")
-    p.add_argument("--temperature", type=float, default=1.0, metavar="T")
+    p.add_argument("--temperature", type=float, default=1.0, metavar="T", help="0: greedy decoding")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--threshold", type=float, default=1.0,
@@ -99,7 +102,7 @@ def _eval(args) -> int:
         max_completion_length=args.max_completion_length, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, threshold=args.threshold, system_prompt=args.system_prompt,
         max_prompt_length=args.max_prompt_length, batch_size=args.batch_size, seed=args.seed, dtype=args.dtype,
-        device=args.device, base=args.base,
+        device=args.device, base=args.base, split=args.split, dataset_config=args.dataset_config,
     )
     print(result.table())
     if args.output:

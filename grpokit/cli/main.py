@@ -5,8 +5,8 @@
     grpokit train --config run.yaml [--key value]    a GRPO run described by a YAML file
     grpokit plot | eval | merge | docs               around training (see grpokit.cli.commands)
 
-The YAML keys are the ``GRPOConfig`` fields plus ``model`` (path or hub id), ``dataset`` (path),
-``reward_funcs`` (list of built-in names, "module:function" or "path/file.py:function"), and optionally
+The YAML keys are the ``GRPOConfig`` fields plus ``model`` (path or hub id), ``dataset`` (a path or a dataset
+name), ``reward_funcs`` (list of built-in names, "module:function" or "path/file.py:function"), and optionally
 ``ref_model``, ``tokenizer`` and ``resume_from_checkpoint``. ``--key value`` overrides a key; the value is
 read as YAML (``--reward_weights "[1, 0.5]"``). ``--resume`` continues the run in ``output_dir`` from its
 newest checkpoint; ``--overwrite`` replaces an earlier run there (without either, such a start is refused).
@@ -168,7 +168,8 @@ def _fields_help() -> str:
     defaults = GRPOConfig().to_dict()
     lines = ["config keys (YAML or --key value):",
              "  model                 model path or hub id (AutoModelForCausalLM)",
-             "  dataset               .jsonl/.json/.parquet/.csv file or save_to_disk folder; column 'prompt'",
+             "  dataset               .jsonl/.json/.parquet/.csv file, a data or save_to_disk folder, or a Hub",
+             "                        dataset name (dataset_config, dataset_split); column 'prompt'",
              "  reward_funcs          list of built-in names, 'module:function' or 'path/file.py:function'",
              "  ref_model, tokenizer  optional paths",
              "  resume_from_checkpoint  true (newest in output_dir) or a checkpoint path"]

@@ -1,20 +1,21 @@
-"""Where a run reports beside ``metrics.jsonl``: TensorBoard event files, and samples of its completions.
+"""Where a run reports beside ``metrics.jsonl``: experiment trackers, and samples of its completions.
 
-* ``report_to: tensorboard``: every metrics row also goes to ``output_dir/tensorboard/`` as scalars
-  (``torch.utils.tensorboard.SummaryWriter``; view with ``tensorboard --logdir output_dir``).
+* ``report_to``: the trackers (``tensorboard``, ``wandb``, ``trackio``, ``mlflow``: one module each under
+  ``grpokit/reporting/``, ``grpokit.reporting.trackers`` for the protocol) get the run's config, every metrics
+  row, the completion samples as a table and ``metrics.png`` (``docs/tracking.md``).
 * ``log_completions_steps: K``: every K steps, a table of the rollout's first completions (prompt, completion,
   reward, advantage) is printed, and the whole rollout's completions are appended to ``output_dir/samples.jsonl``,
   one JSON object per completion: ``{"step", "prompt", "completion", "reward", "rewards/<name>"..., "advantage"}``.
 
 Like ``metrics.jsonl``, nothing is written before a run's first step is done (a start that fails on bad input
 leaves the folder as it was); a fresh run starts both outputs afresh, and a resumed run cuts them back to the
-checkpoint's step (``samples.jsonl`` rows after it are dropped; TensorBoard hides them with ``purge_step``).
+checkpoint's step (``samples.jsonl`` rows after it are dropped; TensorBoard hides them with ``purge_step``),
+and the trackers continue the runs recorded in ``trackers.json``.
 """
 
 from __future__ import annotations
 
 import json
-import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +23,19 @@ from typing import Any
 import torch
 
 from grpokit.reporting.metrics import read_metrics, write_rows_atomically
+from grpokit.reporting.trackers import (
+    TRACKERS_FILE,
+    Tracker,
+    TrackerRun,
+    check_trackers,
+    make_tracker,
+    prompt_text,
+    read_run_ids,
+    write_run_ids,
+)
 from grpokit.util import nan_to_none
 
 SAMPLES_FILE = "samples.jsonl"
-TENSORBOARD_DIR = "tensorboard"
 SHOWN_ROWS = 8  # completions in the printed table
 SHOWN_CHARS = 48  # characters of each prompt / completion in the printed table
 
@@ -69,13 +79,6 @@ class CompletionSamples:
         return out
 
 
-def prompt_text(prompt) -> str:
-    """A prompt on one line: a string as is, chat messages as ``role: content`` joined by `` | ``."""
-    if isinstance(prompt, list):
-        return " | ".join(f"{m.get('role')}: {m.get('content')}" for m in prompt if isinstance(m, dict))
-    return str(prompt)
-
-
 def format_table(records: list[dict[str, Any]], *, rows: int = SHOWN_ROWS, width: int = SHOWN_CHARS) -> str:
     """A plain-text table of the first ``rows`` records: prompt, completion (``repr``, cut to ``width``),
     reward, advantage."""
@@ -96,48 +99,54 @@ def format_table(records: list[dict[str, Any]], *, rows: int = SHOWN_ROWS, width
 
 
 class Reporter:
-    """The extra outputs of one run: TensorBoard scalars (``report_to``) and completion samples
-    (``log_completions_steps``). ``enabled=False`` (torchrun ranks > 0) makes every call a no-op."""
+    """The extra outputs of one run: the trackers of ``report_to`` (``grpokit.reporting.trackers``) and the
+    completion samples of ``log_completions_steps``. ``enabled=False`` (torchrun ranks > 0) makes every call a
+    no-op.
 
-    def __init__(self, output_dir: str | Path, *, report_to: str, log_completions_steps: int, start_step: int = 0,
-                 enabled: bool = True):
+    The trackers start on the first metrics row, with ``config`` (the run's settings, as a flat mapping);
+    their run ids go to ``output_dir/trackers.json``, and a resumed run (``start_step`` > 0) continues the runs
+    recorded there."""
+
+    def __init__(self, output_dir: str | Path, *, report_to: str | list[str], log_completions_steps: int,
+                 start_step: int = 0, enabled: bool = True, config: dict[str, Any] | None = None,
+                 run_name: str | None = None, project: str | None = None):
         self.output_dir = Path(output_dir)
-        self.tensorboard = enabled and report_to == "tensorboard"
+        self.names = check_trackers(report_to) if enabled else []
         self.every = log_completions_steps if enabled else 0
         self.start_step = start_step
-        self.writer = None  # SummaryWriter, made by the first row
+        self.config = dict(config or {})
+        self.run_name, self.project = run_name, project
+        self.trackers: list[Tracker] | None = None  # started by the first row
         self.samples_started = False
 
     def log(self, row: dict[str, Any], samples: CompletionSamples | None = None) -> None:
-        """After metrics row ``row`` (step ``row["step"]``): its scalars, and the rollout's samples when due."""
+        """After metrics row ``row`` (step ``row["step"]``): its numbers to every tracker, and the rollout's
+        samples when due."""
         step = int(row["step"])
-        if self.tensorboard:
-            self._scalars(row, step)
-        if self.every and step % self.every == 0 and samples is not None:
+        for tracker in self._started():
+            tracker.log(row, step)
+        if self.every and step % self.every == 0 and step > 0 and samples is not None:
             self.log_samples(step, samples)
 
-    def _scalars(self, row: dict[str, Any], step: int) -> None:
-        if self.writer is None:
-            self.writer = self._open_writer()
-        for key, value in row.items():
-            if key != "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
-                self.writer.add_scalar(key, float(value), step)
-        self.writer.flush()
-
-    def _open_writer(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as e:
-            raise ImportError("report_to: tensorboard needs the tensorboard package: pip install tensorboard") from e
-        log_dir = self.output_dir / TENSORBOARD_DIR
-        if self.start_step == 0 and log_dir.is_dir():  # a fresh run: an overwritten run's curves go
-            for old in log_dir.glob("events.out.tfevents.*"):
-                old.unlink()
-        # a resumed run: hide the steps after the checkpoint that the first attempt had logged
-        return SummaryWriter(str(log_dir), purge_step=self.start_step + 1 if self.start_step else None)
+    def _started(self) -> list[Tracker]:
+        if self.trackers is None:
+            resumed = read_run_ids(self.output_dir) if self.start_step else {}
+            ids, self.trackers = dict(resumed), []
+            for name in self.names:
+                run = TrackerRun(output_dir=self.output_dir, run_name=self.run_name, project=self.project,
+                                 run_id=resumed.get(name), start_step=self.start_step)
+                tracker = make_tracker(name, run)
+                run_id = tracker.start(self.config)
+                self.trackers.append(tracker)
+                if run_id is not None:
+                    ids[name] = run_id
+            if ids or resumed or (self.output_dir / TRACKERS_FILE).exists():  # a fresh run: no stale ids
+                write_run_ids(self.output_dir, ids)
+        return self.trackers
 
     def log_samples(self, step: int, samples: CompletionSamples) -> None:
-        """Print the table and append the rollout's completions to ``samples.jsonl``."""
+        """Print the table, append the rollout's completions to ``samples.jsonl`` and give them to every
+        tracker as a table."""
         from tqdm.auto import tqdm
 
         records = samples.records(step)
@@ -148,12 +157,20 @@ class Reporter:
             self.samples_started = True
         with path.open("a") as f:
             f.write("".join(json.dumps(r) + "\n" for r in records))
+        for tracker in self._started():
+            tracker.log_samples(records, step)
         tqdm.write(f"completions at step {step}:\n{format_table(records)}")
 
+    def log_image(self, path: str | Path) -> None:
+        """The run's ``metrics.png`` to every tracker that has started."""
+        for tracker in self.trackers or []:
+            tracker.log_image(Path(path))
+
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
+        for tracker in self.trackers or []:
+            tracker.finish()
+        if self.trackers is not None:
+            self.trackers = []
 
 
 def read_samples(path: str | Path, upto_step: int | None = None) -> list[dict[str, Any]]:

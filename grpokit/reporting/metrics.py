@@ -6,6 +6,8 @@ Keys of a ``metrics.jsonl`` row (rollout statistics repeat on every step their r
     step                  optimizer steps done
     reward, reward_std    mean / std of the combined reward over the rollout's completions (NaN rows left out)
     rewards/<name>        mean of one reward function (None entries left out)
+    rewards/<name>/errors, rewards/<name>/timeouts  samples of the rollout that function raised on (or returned
+                          NaN/inf for) / timed out on, scored None (reward_on_error: none; grpokit.rewards.runner)
     completion_length     mean tokens per completion, EOS included; completion_length_max its max
     truncated_ratio       share of completions that hit max_completion_length without EOS
     frac_zero_std_groups  share of groups whose G rewards are all equal (advantage 0: no signal)
@@ -25,6 +27,10 @@ Keys of a ``metrics.jsonl`` row (rollout statistics repeat on every step their r
     ratio_mean            mean pi_theta / pi_old over the loss tokens (exactly 1 on a rollout's first step)
     learning_rate         the LR this step used; grad_norm the global norm before clipping
     step_time, tokens_per_s  wall time of the step (its rollout included) and completion tokens / step_time
+    eval/reward, eval/rewards/<name>, eval/pass@k, eval/completion_length  on evaluation steps (eval_steps): the
+                          policy's mean reward, each function's mean, pass@1, 2, 4... up to num_generations_eval
+                          and the mean length on the eval prompts (grpokit.training.evaluate); step 0 (before
+                          training) is a row of its own, with only these keys
 """
 
 from __future__ import annotations
@@ -99,6 +105,8 @@ class MetricsLogger:
         self.file.write(json.dumps(row) + "\n")
         self.file.flush()
         step = row["step"]
+        if step == 0:  # the evaluation before training (eval_steps): no step of progress
+            return
         if self.bar is not None:
             shown = {"reward": _fmt(row.get("reward"), ".3f")}
             if "kl" in row:
@@ -117,6 +125,8 @@ class MetricsLogger:
                  f"reward {_fmt(row.get('reward'), '.3f')} ± {_fmt(row.get('reward_std'), '.3f')}"]
         if "kl" in row:
             parts.append(f"kl {_fmt(row['kl'], '.4f')}")
+        if "eval/reward" in row:
+            parts.append(f"eval {_fmt(row['eval/reward'], '.3f')}")
         parts += [f"loss {_fmt(row.get('loss'), '+.4f')}", f"len {_fmt(row.get('completion_length'), '.1f')}",
                   f"entropy {_fmt(row.get('entropy'), '.2f')}", f"{elapsed / done:.3f} s/step", f"ETA {_hms(eta)}"]
         return " | ".join(parts)
@@ -159,8 +169,9 @@ def plot_metrics(rows: list[dict[str, Any]], path: str | Path) -> None:
 
 
 def plot_runs(runs: dict[str, list[dict[str, Any]]], path: str | Path) -> None:
-    """reward (+- its std), KL, entropy, completion length and clip ratio against step, one panel each, every
-    run of ``runs`` ({label: metrics rows}) a line on each panel; a legend when there are several. PNG, Agg."""
+    """reward (+- its std; ``eval/reward`` dashed where the run evaluated), KL, entropy, completion length and
+    clip ratio against step, one panel each, every run of ``runs`` ({label: metrics rows}) a line on each panel;
+    a legend when there are several. PNG, Agg."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -182,10 +193,15 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], path: str | Path) -> None:
                 std = [math.nan if r.get("reward_std") is None else r["reward_std"] for r in rows]
                 ax.fill_between(steps, [v - s for v, s in zip(values, std)], [v + s for v, s in zip(values, std)],
                                 alpha=0.15, color=line.get_color())
+            evals = [(r["step"], r["eval/reward"]) for r in rows if r.get("eval/reward") is not None]
+            if name == "reward" and evals:  # the evaluations (eval_steps), dashed in the run's colour
+                ax.plot(*zip(*evals), ls="--", marker="o", ms=3, lw=1.0, color=line.get_color())
+                ax.set_title("reward (dashed: eval/reward)")
         if not drawn:
             why = "beta = 0: no reference model" if name == "kl" else "not logged"
             ax.text(0.5, 0.5, why, ha="center", va="center", transform=ax.transAxes)
-        ax.set_title(name)
+        if not ax.get_title():
+            ax.set_title(name)
         ax.grid(alpha=0.3)
     legend = axes.flat[len(PLOTTED)]  # the spare panel holds the legend
     legend.axis("off")

@@ -19,7 +19,6 @@ import yaml
 
 from grpokit.training.checkpoint import STATE_FILE
 
-FINAL_DIR = "final"
 TRAINING_STATE = {"optimizer.pt", "scheduler.pt", "rng.pt", "rollout.pt", STATE_FILE}
 """Files of a checkpoint that only a resumed run reads: left out of ``final/``."""
 CARD_FILE = "README.md"
@@ -46,11 +45,12 @@ def dataset_name(dataset) -> str | None:
     return str(dataset) if isinstance(dataset, (str, Path)) else None
 
 
-def model_card(run: dict[str, Any], history: list[dict[str, Any]], *, adapters: bool, repo_id: str | None = None,
-               has_plot: bool = True) -> str:
+def model_card(run: dict[str, Any], history: list[dict[str, Any]], *, adapters: bool, location: str,
+               repo_id: str | None = None, has_plot: bool = True) -> str:
     """The text of ``final/README.md``: YAML metadata (``ModelCardData``: base model when it is a hub id,
     dataset, library, tags) and a body with the base model, dataset, reward functions, the first and last
-    metrics, the reward curve ``metrics.png`` and the config (``run``: ``run_description``)."""
+    metrics, the reward curve ``metrics.png``, how to load it (from ``location``: the Hub repository ``repo_id``
+    or the folder) and the config (``run``: ``run_description``)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     base, dataset = run.get("model"), run.get("dataset")
@@ -60,7 +60,7 @@ def model_card(run: dict[str, Any], history: list[dict[str, Any]], *, adapters: 
         library_name="peft" if adapters else "transformers", pipeline_tag="text-generation",
         tags=["grpokit", "grpo", "reinforcement-learning"] + (["lora"] if adapters else []),
     )
-    name = repo_id or "this model"
+    name = repo_id or location
     lines = [f"# {repo_id.split('/')[-1] if repo_id else 'GRPO fine-tune'}", "",
              f"{'LoRA adapters' if adapters else 'A fine-tune'} of `{base or 'a causal LM'}`, trained with GRPO "
              "(Group Relative Policy Optimization, [DeepSeekMath](https://arxiv.org/abs/2402.03300)) by grpokit.",
@@ -77,7 +77,7 @@ def model_card(run: dict[str, Any], history: list[dict[str, Any]], *, adapters: 
               f"model = AutoPeftModelForCausalLM.from_pretrained(\"{name}\")") if adapters else (
         "from transformers import AutoModelForCausalLM\n"
         f"model = AutoModelForCausalLM.from_pretrained(\"{name}\")")
-    lines += ["## Use", "", "```python", "from transformers import AutoTokenizer", loader,
+    lines += ["## Use", "", "```python", loader, "from transformers import AutoTokenizer",
               f"tokenizer = AutoTokenizer.from_pretrained(\"{name}\")", "```", "",
               "## Config", "", "```yaml", yaml.safe_dump(run, sort_keys=False).rstrip(), "```", ""]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)).content

@@ -10,6 +10,8 @@ before it writes its first metrics row), so a start that fails on bad input leav
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ from grpokit.training.checkpoint import (
 )
 
 METRICS_FILE = "metrics.jsonl"
+FINAL_DIR = "final"  # the shared result, written at the end (grpokit.training.model_card)
 RUN_FILES = ("metrics.jsonl", "metrics.png")  # what a run writes beside its checkpoints (config.yaml is rewritten)
 # fields a resumed run must share with its checkpoint: they fix the saved rollout's rows, pi_ref and dtypes
 RESUME_FIELDS = ("prompts_per_step", "num_generations", "num_iterations", "steps_per_rollout", "beta", "dtype")
@@ -70,6 +73,10 @@ def clear_earlier_run(output_dir: str | Path) -> None:
             delete_checkpoint(path)
     for name in RUN_FILES:
         (output_dir / name).unlink(missing_ok=True)
+    if (output_dir / FINAL_DIR).is_dir():  # the earlier run's result (grpokit.training.model_card)
+        doomed = output_dir / f".deleting-{FINAL_DIR}-{os.getpid()}"
+        os.replace(output_dir / FINAL_DIR, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
 
 
 def resume_point(output_dir: str | Path, resume: bool | str | Path | None, config=None) -> Path | None:

@@ -75,7 +75,6 @@ from grpokit.training.dynamic_sampling import Sampled, gather_informative
 from grpokit.training.evaluate import TrainingEval, eval_sampling
 from grpokit.training.guards import is_finite_update, non_finite_error
 from grpokit.training.model_card import (
-    FINAL_DIR,
     PLOT_FILE,
     dataset_name,
     model_card,
@@ -85,7 +84,7 @@ from grpokit.training.model_card import (
     write_final,
 )
 from grpokit.training.reference import exact_kl_metrics, make_reference, sync_alpha, sync_reference
-from grpokit.training.run_dir import begin_run, check_output_dir, resume_point
+from grpokit.training.run_dir import FINAL_DIR, begin_run, check_output_dir, resume_point
 from grpokit.training.signals import GracefulStop, stop_message
 from grpokit.util import nan_to_none, seed_everything
 

@@ -7,7 +7,7 @@ import pytest
 
 from grpokit.rollout.engine import left_pad
 from grpokit.tasks.demo import char_tokenizer
-from grpokit.training.data import PromptOrder, encode_prompt, is_chat, load_prompts
+from grpokit.training.data import PromptOrder, encode_prompt, eval_prompts, is_chat, load_prompts
 
 ROWS = [{"prompt": "ab", "answer": "x"}, {"prompt": "cd", "answer": "y"}, {"prompt": "ef", "answer": "z"}]
 
@@ -78,3 +78,36 @@ def test_prompt_order_covers_each_epoch_and_resumes():
     resumed = PromptOrder(num_rows=5, seed=3)
     resumed.load_state_dict(state)
     assert [resumed.take(2) for _ in range(3)] == drawn[2:]
+
+
+def test_dataset_folder_loads_by_path_with_a_named_split(tmp_path):
+    folder = tmp_path / "letters"  # a folder of data files, as a dataset repository is laid out
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (folder / "data" / "test.jsonl").write_text(json.dumps({"prompt": "gh", "answer": "w"}) + "\n")
+    assert load_prompts(str(folder))["prompt"] == ["ab", "cd", "ef"]  # split "train" by default
+    test = load_prompts(str(folder), split="test")
+    assert test["prompt"] == ["gh"] and test.column_names == ["prompt", "answer"]
+    with pytest.raises(ValueError, match=r"dataset '.*letters' has no split 'validation'"):
+        load_prompts(str(folder), split="validation")
+    assert eval_prompts(None, str(folder), eval_split="test", dataset_config=None)["prompt"] == ["gh"]
+    assert eval_prompts(None, str(folder), eval_split=None, dataset_config=None) is None
+
+    saved = tmp_path / "saved"  # a DatasetDict written by save_to_disk: its splits by name too
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(ROWS),
+                          "test": datasets.Dataset.from_list(ROWS[:1])}).save_to_disk(str(saved))
+    assert len(load_prompts(str(saved), split="test")) == 1 and len(load_prompts(str(saved))) == 3
+    with pytest.raises(ValueError, match=r"has no split 'dev' \(splits: train, test\)"):
+        load_prompts(str(saved), split="dev")
+    with pytest.raises(ValueError, match=r"has no split 'dev' \(splits: train, test\)"):
+        load_prompts(datasets.load_from_disk(str(saved)), split="dev")
+
+
+def test_dataset_by_name_errors_name_the_dataset_and_split(tmp_path, monkeypatch):
+    def missing(path, name=None, split=None):
+        raise FileNotFoundError(f"Couldn't find a dataset script or data at {path}")
+
+    monkeypatch.setattr(datasets, "load_dataset", missing)
+    with pytest.raises(ValueError, match=r"cannot load dataset 'someone/gsm' \(config 'main'\), split 'test': "
+                                         "FileNotFoundError"):
+        load_prompts("someone/gsm", name="main", split="test")
