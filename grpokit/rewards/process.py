@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from grpokit.advantages import process_advantages
-from grpokit.rewards import RewardError, RewardFunction
+from grpokit.rewards import RewardError, RewardFunction, RewardRunner, call_rewards
 
 
 @dataclass
@@ -50,6 +50,12 @@ class StepScores:
     """N lists: the weighted reward of every step of the completion, all functions pooled."""
     char_ends: list[list[int]]
     """N lists aligned with ``step_rewards``: the exclusive character end of each step in the text."""
+    failures: torch.Tensor | None = None
+    """(N, F) int8 failure codes, as ``rewards.Scores.failures``."""
+
+    def __post_init__(self) -> None:
+        if self.failures is None:
+            self.failures = torch.zeros(self.per_func.shape, dtype=torch.int8)
 
     def values(self) -> list[list[float]]:
         """What a group's 'all rewards equal' test looks at: each completion's step rewards."""
@@ -123,26 +129,23 @@ def parse_steps(value, text: str, delimiter: str | None, where: str) -> tuple[li
 
 def score_steps(funcs: Sequence[RewardFunction], weights: Sequence[float] | None, prompts: list, completions: list,
                 completion_ids: list[list[int]], columns: dict[str, list], texts: list[str],
-                delimiter: str | None) -> StepScores:
-    """Call every reward function on one rollout and pool their steps (see the module docstring)."""
+                delimiter: str | None, *, runner: RewardRunner | None = None,
+                rows: Sequence[int] | None = None) -> StepScores:
+    """Call every reward function on one rollout and pool their steps (see the module docstring). ``runner``
+    and ``rows`` as in ``grpokit.rewards.score``: a failed call's sample has no steps, under
+    ``reward_on_error: none``."""
     n = len(completions)
     weights = [1.0] * len(funcs) if weights is None else list(weights)
     per_func = torch.full((n, len(funcs)), math.nan, dtype=torch.float32)  # (N, F)
     step_rewards: list[list[float]] = [[] for _ in range(n)]
     char_ends: list[list[int]] = [[] for _ in range(n)]
-    for j, fn in enumerate(funcs):
-        try:
-            out = fn.func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-        except Exception as e:
-            raise RewardError(f"reward function {fn.name!r} raised {type(e).__name__}: {e}") from e
-        if isinstance(out, torch.Tensor):
-            out = out.tolist()
-        if not isinstance(out, Sequence) or isinstance(out, str) or len(out) != n:
-            size = len(out) if isinstance(out, Sequence) else type(out).__name__
-            raise RewardError(f"reward function {fn.name!r} returned {size} entries for {n} completions; it must "
-                              "return one entry per completion")
+    outputs, failures = call_rewards(funcs, prompts, completions, completion_ids, columns, runner=runner, rows=rows,
+                                     unit="entries")
+    for j, (fn, out) in enumerate(zip(funcs, outputs)):
         for i, value in enumerate(out):
-            rewards, ends = parse_steps(value, texts[i], delimiter, f"reward function {fn.name!r}, sample {i}")
+            row = f" (dataset row {rows[i]})" if rows is not None else ""
+            where = f"reward function {fn.name!r}, sample {i}{row}"
+            rewards, ends = parse_steps(value, texts[i], delimiter, where)
             if value is not None:
                 per_func[i, j] = sum(rewards)
             step_rewards[i] += [weights[j] * r for r in rewards]
@@ -150,7 +153,8 @@ def score_steps(funcs: Sequence[RewardFunction], weights: Sequence[float] | None
     totals = torch.tensor([sum(r) if r else math.nan for r in step_rewards], dtype=torch.float32)
     scored = ~torch.isnan(per_func).all(dim=1)
     totals = torch.where(scored, torch.nan_to_num(totals), torch.full_like(totals, math.nan))
-    return StepScores(rewards=totals, per_func=per_func, step_rewards=step_rewards, char_ends=char_ends)
+    return StepScores(rewards=totals, per_func=per_func, step_rewards=step_rewards, char_ends=char_ends,
+                      failures=failures)
 
 
 def token_step_ends(tokenizer, completion_ids: list[list[int]], texts: list[str],

@@ -10,17 +10,25 @@ Layout::
         rng.pt                                python, numpy, torch (CPU and CUDA) and sampler generator states
         rollout.pt                            the current rollout, only when a checkpoint falls inside one
                                               (num_iterations or steps_per_rollout > 1)
-        trainer_state.json                    step, data order (epoch, position), config; written last
+        trainer_state.json                    step, data order (epoch, position), config, metrics rows,
+                                              best_metric / best_model_checkpoint; written last
 
 The folder is assembled under ``output_dir/.tmp-checkpoint-<step>-<pid>``, every file fsync'ed, then renamed
 into place, so a crash leaves either the old state or the complete new one, never half a checkpoint. With the
 same thread count, resuming on CPU reproduces the uninterrupted run bit for bit (``metrics.jsonl`` is cut
 back to the checkpoint's step on resume).
+
+A save that fails (a full disk, a permission) deletes its temporary folder and raises ``CheckpointError``,
+one line naming the folder, the space a checkpoint takes and the space free; the checkpoints before it are
+untouched (nothing is deleted before the new one is committed). ``save_total_limit`` keeps the newest
+checkpoints of the run, the one just written always, and with ``metric_for_best_model`` the best one too.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 import os
 import random
 import re
@@ -34,9 +42,17 @@ import numpy as np
 import torch
 
 from grpokit.models.loading import save_model
+from grpokit.util import closest
 
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 STATE_FILE = "trainer_state.json"
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written; the message says where, why, and what is kept."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 @dataclass
@@ -66,47 +82,143 @@ def save_checkpoint(
     ref_model: torch.nn.Module | None = None,
     rollout: dict[str, Any] | None = None,
     save_total_limit: int | None = None,
+    metric_for_best_model: str | None = None,
+    greater_is_better: bool | None = None,
     before_commit: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write ``output_dir/checkpoint-<state.step>`` atomically; returns its path. ``before_commit(folder)``
     runs once the files are in the temporary folder, before it is committed (under torchrun the other
-    processes add their ``rank-<r>/`` files then; ``grpokit.training.distributed``)."""
+    processes add their ``rank-<r>/`` files then; ``grpokit.training.distributed``). Then the run's checkpoints
+    beyond ``save_total_limit`` are deleted (``checkpoints_to_delete``). Raises ``CheckpointError`` when a
+    file cannot be written, leaving every earlier checkpoint as it was."""
     output_dir = Path(output_dir)
     final = output_dir / f"checkpoint-{state.step}"
     tmp = output_dir / f".tmp-checkpoint-{state.step}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-
-    save_model(model, tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
-    if ref_model is not None:
-        save_model(ref_model, tmp / "ref_model")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(generator), tmp / "rng.pt")
-    if rollout is not None:
-        torch.save(rollout, tmp / "rollout.pt")
-    if before_commit is not None:
-        before_commit(tmp)
-    (tmp / STATE_FILE).write_text(json.dumps(
-        {"step": state.step, "data_order": state.data_order, "config": state.config,
-         "log_history": state.log_history}, indent=2))
-
-    _fsync_tree(tmp)
-    if final.exists():  # a re-save of the same step: move the old one aside first (rename is atomic)
-        old = output_dir / f".old-checkpoint-{state.step}-{os.getpid()}"
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+    best = best_checkpoint(output_dir, state.step, state.log_history, metric_for_best_model, greater_is_better)
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_model(model, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if ref_model is not None:
+            save_model(ref_model, tmp / "ref_model")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(rng_state(generator), tmp / "rng.pt")
+        if rollout is not None:
+            torch.save(rollout, tmp / "rollout.pt")
+        if before_commit is not None:
+            before_commit(tmp)
+        (tmp / STATE_FILE).write_text(json.dumps(
+            {"step": state.step, "data_order": state.data_order, "config": state.config,
+             "log_history": state.log_history, "best_metric": best[1] if best else None,
+             "best_model_checkpoint": str(output_dir / best[0]) if best else None}, indent=2))
+        _fsync_tree(tmp)
+        if final.exists():  # a re-save of the same step: move the old one aside first (rename is atomic)
+            old = output_dir / f".old-checkpoint-{state.step}-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, CheckpointError):
+            raise
+        raise save_error(e, output_dir, state.step, [model, ref_model, optimizer]) from e
     _fsync_dir(output_dir)
     if save_total_limit is not None:
-        for old in list_checkpoints(output_dir)[:-save_total_limit]:
-            delete_checkpoint(old)
+        for doomed in checkpoints_to_delete(output_dir, state.step, save_total_limit, best[0] if best else None):
+            delete_checkpoint(doomed)
     return final
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT_RE.match(Path(path).name).group(1))
+
+
+def checkpoints_to_delete(output_dir: str | Path, step: int, limit: int, best: str | None = None) -> list[Path]:
+    """``save_total_limit``: after writing ``checkpoint-<step>``, the run's checkpoints to delete. Kept: the
+    newest ``limit`` of those up to ``step`` (so always the one just written, which a resume would take) and
+    ``best``. Checkpoints of later steps (left by a run resumed from an earlier checkpoint) are not this
+    run's: they are neither counted nor deleted."""
+    mine = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) <= step]
+    keep = {p.name for p in mine[-limit:]} | {f"checkpoint-{step}"} | ({best} if best else set())
+    return [p for p in mine if p.name not in keep]
+
+
+def best_checkpoint(output_dir: str | Path, step: int, history: list[dict[str, Any]] | None, metric: str | None,
+                    greater_is_better: bool | None = None) -> tuple[str, float] | None:
+    """``metric_for_best_model``: (name, value) of the checkpoint, among the run's checkpoints up to ``step``
+    and the one of ``step`` about to be written, whose step logged the best ``metric`` (rows of ``history``;
+    a missing or None value never wins). ``greater_is_better=None``: larger is better unless the name ends in
+    ``loss`` (transformers' rule). None without a metric or a value."""
+    if metric is None or not history:
+        return None
+    greater = greater_is_better if greater_is_better is not None else not metric.endswith("loss")
+    logged = {row.get("step"): row.get(metric) for row in history}
+    steps = [checkpoint_step(p) for p in list_checkpoints(output_dir) if checkpoint_step(p) < step] + [step]
+    scored = [(s, float(logged[s])) for s in steps if isinstance(logged.get(s), (int, float))
+              and math.isfinite(float(logged[s]))]
+    if not scored:
+        return None
+    s, value = (max if greater else min)(scored, key=lambda sv: sv[1])
+    return f"checkpoint-{s}", value
+
+
+def check_best_metric(metric: str | None, row: dict[str, Any]) -> None:
+    """ValueError unless ``metric`` (``metric_for_best_model``) is a key of the metrics row ``row``."""
+    if metric is None or metric in row:
+        return
+    hint = closest(metric, list(row))
+    raise ValueError(f"metric_for_best_model {metric!r} is not a key of the metrics rows"
+                     + (f"; did you mean {hint!r}?" if hint else f" (keys: {', '.join(sorted(row))})"))
+
+
+def save_error(error: OSError, output_dir: Path, step: int, holders: list) -> CheckpointError:
+    """The one-line ``CheckpointError`` for a failed save: the folder, the OS's reason, for a full disk the
+    size a checkpoint takes (the newest one's, else the tensors to write) against the free space, and which
+    checkpoint is kept."""
+    saved = [p for p in list_checkpoints(output_dir) if checkpoint_step(p) != step]
+    kept = f"the previous checkpoint, {saved[-1].name}, is intact" if saved else "no checkpoint had been written yet"
+    reason = error.strerror or str(error)
+    space = ""
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        need = folder_bytes(saved[-1]) if saved else sum(_tensor_bytes(h) for h in holders if h is not None)
+        try:
+            free = shutil.disk_usage(output_dir).free
+        except OSError:
+            free = None
+        shown = f" and {_size(free)} is free there" if free is not None else ""
+        space = f"; a checkpoint of this run takes about {_size(need)}{shown}"
+    return CheckpointError(error.errno, f"cannot write checkpoint-{step} in {str(output_dir)!r}: {reason}{space}; "
+                                        f"{kept}. Free space (or lower save_total_limit), then resume with --resume")
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of the files under ``path``."""
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+
+
+def _tensor_bytes(holder) -> int:
+    """Bytes of a model's parameters (a stand-in's ``state``) or an optimizer's state tensors."""
+    if hasattr(holder, "parameters"):
+        return sum(p.numel() * p.element_size() for p in holder.parameters())
+    state = getattr(holder, "state", None)
+    if callable(getattr(holder, "state_dict", None)) and not isinstance(state, dict):
+        state = holder.state_dict().get("state", {})
+    tensors = [t for v in (state or {}).values() for t in (v.values() if isinstance(v, dict) else [v])]
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
 
 
 def delete_checkpoint(path: Path) -> None:
@@ -185,7 +297,10 @@ def set_rng_state(state: dict[str, Any], generator: torch.Generator) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    generator.set_state(state["sampler"])
+    if "sampler_seed" in state:  # re-derived for another process count (grpokit.training.distributed)
+        generator.manual_seed(state["sampler_seed"])
+    else:
+        generator.set_state(state["sampler"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
