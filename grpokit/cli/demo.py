@@ -53,6 +53,7 @@ def run_demo(overrides: dict | None = None, resume_from_checkpoint=None) -> dict
         f"(letters {DEMO_LETTERS}); GRPO {config.prompts_per_step} prompts x {config.num_generations} completions, "
         f"{config.max_steps} steps -> {config.output_dir}/", flush=True)
     trainer = GRPOTrainer(model_path, "char_match", dataset, args=config)
+    trainer.resume_hint = "grpokit train --resume"  # what a run stopped by a signal prints
     history = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     if not history:
         return None

@@ -10,8 +10,10 @@ name), ``reward_funcs`` (list of built-in names, "module:function" or "path/file
 ``ref_model``, ``tokenizer`` and ``resume_from_checkpoint``. ``--key value`` overrides a key; the value is
 read as YAML (``--reward_weights "[1, 0.5]"``). ``--resume`` continues the run in ``output_dir`` from its
 newest checkpoint; ``--overwrite`` replaces an earlier run there (without either, such a start is refused).
-Bad input gives one line on stderr and exit status 2; a run stopped by a non-finite loss or gradient, exit
-status 1 (``--debug`` shows the traceback).
+Bad input gives one line on stderr and exit status 2; a run stopped by a non-finite loss or gradient, or by a
+checkpoint it could not write, exit status 1 (``--debug`` shows the traceback). SIGTERM, SIGINT or SIGUSR1
+during training stops the run after its current step with a checkpoint and the command that resumes it,
+exit status 0 (``grpokit.training.signals``).
 
 Each command imports what it runs inside its own function: ``grpokit --help`` and a mistyped config key
 answer without loading torch and transformers (seconds). The layering itself holds for these imports too
@@ -27,7 +29,7 @@ from typing import Any
 
 RUN_KEYS = ("model", "dataset", "reward_funcs", "ref_model", "tokenizer", "resume_from_checkpoint")
 EXIT_USAGE = 2  # bad input: config, data, model path, reward functions
-EXIT_FAILED = 1  # the run itself broke (a non-finite loss or gradient)
+EXIT_FAILED = 1  # the run itself broke (a non-finite loss or gradient, a checkpoint that cannot be written)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         from grpokit.cli.verify import run_verify
 
         return run_verify(seed=args.seed)
+    from grpokit.training.checkpoint import CheckpointError
     from grpokit.training.guards import TrainingError
 
     try:
@@ -73,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             raise
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"grpokit: error: {message}", file=sys.stderr)
-        return EXIT_FAILED if isinstance(e, TrainingError) else EXIT_USAGE
+        return EXIT_FAILED if isinstance(e, (TrainingError, CheckpointError)) else EXIT_USAGE
     finally:  # under torchrun: gloo's worker threads must stop while the interpreter is whole, or exit can abort
         import torch.distributed as dist
 
@@ -142,11 +145,24 @@ def run_train(config_path: str | None, overrides: dict[str, Any]) -> int:
 
     trainer = GRPOTrainer(run["model"], run["reward_funcs"], run["dataset"], args=config,
                           ref_model=run.get("ref_model"), tokenizer=run.get("tokenizer"))
+    trainer.resume_hint = resume_command(config_path, overrides)  # printed if a signal stops the run
     history = trainer.train(resume_from_checkpoint=run.get("resume_from_checkpoint"))
-    if history and trainer.world.is_main:  # under torchrun, rank 0 speaks for every process
+    if history and trainer.world.is_main and trainer.stopped_by is None:  # rank 0 speaks for every process
         last = history[-1]
         print(f"grpokit: done, step {last['step']}, reward {last['reward']}; results in {config.output_dir}/")
     return 0
+
+
+def resume_command(config_path: str | None, overrides: dict[str, Any]) -> str:
+    """The ``grpokit train`` command line that continues this run: its config, its overrides, ``--resume``."""
+    import json
+    import shlex
+
+    parts = ["grpokit", "train"] + (["--config", shlex.quote(str(config_path))] if config_path else [])
+    for key, value in overrides.items():
+        if key not in ("resume_from_checkpoint", "overwrite_output_dir"):
+            parts += [f"--{key}", shlex.quote(value if isinstance(value, str) else json.dumps(value))]
+    return " ".join(parts + ["--resume"])
 
 
 def preflight(config, run: dict[str, Any]) -> None:

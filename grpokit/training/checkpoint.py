@@ -191,8 +191,8 @@ def save_error(error: OSError, output_dir: Path, step: int, holders: list) -> Ch
             free = shutil.disk_usage(output_dir).free
         except OSError:
             free = None
-        shown = f" and {_size(free)} is free there" if free is not None else ""
-        space = f"; a checkpoint of this run takes about {_size(need)}{shown}"
+        shown = f" and {format_size(free)} is free there" if free is not None else ""
+        space = f"; a checkpoint of this run takes about {format_size(need)}{shown}"
     return CheckpointError(error.errno, f"cannot write checkpoint-{step} in {str(output_dir)!r}: {reason}{space}; "
                                         f"{kept}. Free space (or lower save_total_limit), then resume with --resume")
 
@@ -213,7 +213,8 @@ def _tensor_bytes(holder) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
 
-def _size(n: float) -> str:
+def format_size(n: float) -> str:
+    """``298.9 KB``, ``1.2 GB``: a byte count for people (powers of 1000)."""
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

@@ -24,17 +24,33 @@ as one process, exactly as before. With W processes, per rollout:
 Checkpoints (``Parallel.save_checkpoint``): rank 0 writes the usual layout (an HF-loadable model, gathered
 from the shards under FSDP); each other rank r adds ``rank-<r>/`` beside it with what is its own: ``rng.pt``
 (its Python/NumPy/torch/sampler states), ``rollout.pt`` (its rows of the current rollout) and, under FSDP,
-``optimizer.pt`` (its shard of the AdamW moments). ``world.json`` records the process count; a checkpoint
-resumes on the same number of processes, exactly.
+``optimizer.pt`` (its shard of the AdamW moments). ``world.json`` records the process count. On the same
+number of processes (and the same ``distributed`` mode) a checkpoint resumes exactly. On another number W'
+(2 -> 1, 1 -> 2, 2 -> 4, wherever ``prompts_per_step`` splits; ``Parallel.checkpoint_tensors``) the run
+continues with the same global batches and data position, and:
+
+* the optimizer: DDP's (and one process's) state is whole; FSDP shards are joined back into whole moments
+  (they are cut along dim 0, in rank order) and cut again for W' processes when loaded;
+* the RNGs: every process takes rank 0's Python, NumPy and torch states (as a fresh run seeds every process
+  alike), and each process's sampler is seeded afresh from (seed, step, rank) (``resharded_sampler_seed``):
+  W' new streams, none a copy of another, since W streams cannot be split into W' others;
+* a checkpoint inside a rollout: every process's saved rows are put back into the global rollout's order and
+  re-split as W' processes hold them (``reshard_rollout``), re-padded to the widest rows.
+
+The continuation is a valid GRPO run, not the bit-identical one (different sampler streams); with completions
+that do not depend on the sampler its updates equal the uninterrupted run's to float rounding.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import hashlib
 import inspect
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +62,9 @@ from grpokit.config import DISTRIBUTED
 from grpokit.losses import BatchTotals
 from grpokit.models.forward import completion_logps
 from grpokit.reporting.metrics import read_metrics
-from grpokit.training.checkpoint import rng_state
+from grpokit.rewards import RewardError
+from grpokit.rollout import select_rows
+from grpokit.training.checkpoint import STATE_FILE, CheckpointError, rng_state
 from grpokit.util import check_choice
 
 WORLD_FILE = "world.json"
@@ -160,6 +178,29 @@ def sampler_seed(seed: int, rank: int) -> int:
     return seed + (rank << 32)
 
 
+def resharded_sampler_seed(seed: int, rank: int, step: int) -> int:
+    """Seed of process ``rank``'s sampler when a run resumes at ``step`` on another number of processes: a hash
+    of (seed, rank, step), so that no stream repeats an earlier one of the run nor another process's."""
+    digest = hashlib.sha256(f"grpokit-sampler/{seed}/{rank}/{step}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def agreed(world: World, call: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``call(*args, **kwargs)`` (scoring a rollout); under torchrun, when it raises ``RewardError`` on some
+    process, every process raises one after the same collective, so that all can write a checkpoint together
+    rather than wait for each other's next collective."""
+    error = None
+    try:
+        result = call(*args, **kwargs)
+    except RewardError as e:
+        error = e
+    if world.world_size > 1 and world.max_float(0.0 if error is None else 1.0) > 0 and error is None:
+        error = RewardError("a reward function failed on another process (its error is in that process's output)")
+    if error is not None:
+        raise error
+    return result
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the rollout, split over processes
 
@@ -203,14 +244,60 @@ def shard_prompts(num_prompts: int, steps_per_rollout: int, world_size: int, ran
     return [k * per_step + rank * block + i for k in range(steps_per_rollout) for i in range(block)]
 
 
+def shard_rows(num_prompts: int, group_size: int, steps_per_rollout: int, world_size: int, rank: int) -> list[int]:
+    """The global rollout rows rank ``rank`` holds, in its local order: the G rows of each of its prompts."""
+    return [p * group_size + j for p in shard_prompts(num_prompts, steps_per_rollout, world_size, rank)
+            for j in range(group_size)]
+
+
 def rollout_shard(args, world: World) -> RolloutShard:
     """The ``RolloutShard`` of this process for ``args`` (a ``GRPOConfig``); checks that the batch splits."""
     P, G, S, W = args.prompts_per_step, args.num_generations, args.steps_per_rollout, world.world_size
     check_batch_shape(args, W)
-    rows_of = lambda rank: [p * G + j for p in shard_prompts(P, S, W, rank) for j in range(G)]
-    gathered = torch.tensor([row for rank in range(W) for row in rows_of(rank)])  # (N,) global row of each
-    return RolloutShard(prompts=tuple(shard_prompts(P, S, W, world.rank)), rows=torch.tensor(rows_of(world.rank)),
-                        inverse=torch.argsort(gathered), world=world)
+    gathered = torch.tensor([row for rank in range(W) for row in shard_rows(P, G, S, W, rank)])  # (N,)
+    return RolloutShard(prompts=tuple(shard_prompts(P, S, W, world.rank)),
+                        rows=torch.tensor(shard_rows(P, G, S, W, world.rank)), inverse=torch.argsort(gathered),
+                        world=world)
+
+
+def reshard_rollout(parts: list[dict[str, Any]], num_prompts: int, group_size: int, steps_per_rollout: int,
+                    rank: int, world_size: int) -> dict[str, Any]:
+    """A rollout saved by ``len(parts)`` processes (``parts[r]``: rank r's ``Batch.state_dict()``) as process
+    ``rank`` of ``world_size`` holds it: the rows are put back in the global order, then cut as
+    ``shard_rows`` cuts them for ``world_size``. Widths differ between processes: prompts are left-padded,
+    completions (and every per-token field) right-padded to the widest, masks with 0."""
+    P, G, S = num_prompts, group_size, steps_per_rollout
+    saved = torch.tensor([row for r in range(len(parts)) for row in shard_rows(P, G, S, len(parts), r)])
+    merged = {}
+    for name in parts[0]:
+        items = [part[name] for part in parts]
+        if items[0] is None:
+            merged[name] = None
+            continue
+        if items[0].dim() == 1:
+            merged[name] = torch.cat(items)
+            continue
+        width = max(x.size(1) for x in items)
+        value = _pad_value(parts, name)
+        padded = []
+        for x in items:
+            fill = x.new_full((x.size(0), width - x.size(1)), value)
+            padded.append(torch.cat([fill, x] if name.startswith("prompt") else [x, fill], dim=1))
+        merged[name] = torch.cat(padded)
+    order = torch.argsort(saved)  # position in the rank-major concatenation of each global row
+    return select_rows(merged, order[torch.tensor(shard_rows(P, G, S, world_size, rank))])
+
+
+def _pad_value(parts: list[dict[str, Any]], name: str):
+    """What pads ``name``: the padding id already in the saved ids (``*_ids``), else 0."""
+    if not name.endswith("_ids"):
+        return 0
+    mask_name = name.replace("_ids", "_mask")
+    for part in parts:
+        padding = part[name][part[mask_name] == 0]
+        if padding.numel():
+            return padding[0].item()
+    return 0
 
 
 def check_batch_shape(args, world_size: int) -> None:
@@ -321,32 +408,58 @@ class Parallel:
                 if kwargs.get(key) is not None:
                     kwargs[key] = _WholeModel(kwargs[key])  # a collective: every process takes part
         if not self.world.is_main:
-            folder = Path(self.world.broadcast_object(None))  # rank 0's folder, not yet committed
-            write_rank_files(folder / f"rank-{self.world.rank}", own)
-            self.world.barrier()  # files written: rank 0 may commit
-            return Path(self.world.broadcast_object(None))
+            return self._add_rank_files(own)
+        phase = "writing"  # what the other processes wait for when rank 0's save fails: the folder, or the end
 
         def before_commit(folder: Path) -> None:
+            nonlocal phase
             (folder / WORLD_FILE).write_text(json.dumps({"world_size": self.world.world_size, "mode": self.mode}))
             self.world.broadcast_object(str(folder))
-            self.world.barrier()
+            phase = "ranks"
+            if self.world.max_float(0.0) > 0:  # in place of a barrier: did every process write its files?
+                raise CheckpointError(errno.EIO, f"another process could not write its rank-<r>/ files into "
+                                                 f"{str(folder)!r} (its error is in its output); nothing was "
+                                                 "committed and the earlier checkpoints are intact")
+            phase = "committing"
 
         if self.mode == "fsdp":
             optimizer = _StateDict(own["optimizer"])
-        path = save(output_dir, optimizer=optimizer, generator=generator, rollout=rollout,
-                    before_commit=before_commit, **kwargs)
+        try:
+            path = save(output_dir, optimizer=optimizer, generator=generator, rollout=rollout,
+                        before_commit=before_commit, **kwargs)
+        except OSError as e:
+            if phase != "ranks":  # the others wait in a broadcast: tell them why the save stopped
+                self.world.broadcast_object({"error": str(e), "errno": e.errno})
+            raise
         return Path(self.world.broadcast_object(str(path)))
 
-    def checkpoint_tensors(self, path: Path, tensors: dict[str, Any]) -> dict[str, Any]:
-        """``load_checkpoint_state``'s tensors with this process's own (``rank-<r>/``) in place of rank 0's;
-        checks the checkpoint was written by as many processes."""
+    def _add_rank_files(self, own: dict[str, Any]) -> Path:
+        """A process other than rank 0 during a save: write ``rank-<r>/`` into rank 0's temporary folder, then
+        wait for the commit; rank 0's failure, or its own, raises ``CheckpointError`` on every process."""
+        folder = self.world.broadcast_object(None)  # rank 0's folder, not yet committed (or its error)
+        if isinstance(folder, dict):
+            raise CheckpointError(folder["errno"], folder["error"])
+        failed = None
+        try:
+            write_rank_files(Path(folder) / f"rank-{self.world.rank}", own)
+        except OSError as e:
+            failed = CheckpointError(e.errno, f"process {self.world.rank} cannot write {folder}/rank-"
+                                              f"{self.world.rank}: {e.strerror or e}; nothing was committed")
+        if self.world.max_float(1.0 if failed else 0.0) > 0:
+            raise failed or CheckpointError(errno.EIO, "another process could not write its checkpoint files; "
+                                                       "nothing was committed")
+        path = self.world.broadcast_object(None)
+        if isinstance(path, dict):
+            raise CheckpointError(path["errno"], path["error"])
+        return Path(path)
+
+    def checkpoint_tensors(self, path: Path, tensors: dict[str, Any], device=None) -> dict[str, Any]:
+        """``load_checkpoint_state``'s tensors as this process resumes them: on the same number of processes and
+        mode, its own (``rank-<r>/``) in place of rank 0's; on another, re-split (``resharded_tensors``)."""
         info = json.loads((path / WORLD_FILE).read_text()) if (path / WORLD_FILE).is_file() else {"world_size": 1}
-        saved = int(info["world_size"])
-        if saved != self.world.world_size or info.get("mode", "none") != self.mode:
-            raise ValueError(
-                f"{str(path)!r} was written by {saved} process(es) ({info.get('mode', 'one process')}); this run has "
-                f"{self.world.world_size} ({self.mode if self.mode != 'none' else 'one process'}): resume it with "
-                f"the same torchrun --nproc-per-node and distributed setting")
+        saved, mode = int(info["world_size"]), info.get("mode", "none")
+        if saved != self.world.world_size or mode != self.mode:
+            return self.resharded_tensors(path, tensors, saved, mode, device)
         if self.world.is_main:
             return tensors
         folder = path / f"rank-{self.world.rank}"
@@ -357,6 +470,37 @@ class Parallel:
             raise ValueError(f"{str(path)!r} has no {folder.name}/rng.pt: it is incomplete")
         return {**tensors, "rng": own["rng"], "rollout": own["rollout"],
                 "optimizer": own["optimizer"] if self.mode == "fsdp" else tensors["optimizer"]}
+
+    def resharded_tensors(self, path: Path, tensors: dict[str, Any], saved: int, saved_mode: str,
+                          device=None) -> dict[str, Any]:
+        """The tensors of a checkpoint written by ``saved`` processes (``saved_mode``), for this process of this
+        run's W (the module docstring): whole AdamW moments, rank 0's RNGs with a new sampler seed, this
+        process's rows of a saved rollout (moved to ``device``)."""
+        state = json.loads((path / STATE_FILE).read_text())
+        config, step, W = state.get("config") or {}, int(state["step"]), self.world.world_size
+        folders = [path] + [path / f"rank-{r}" for r in range(1, saved)]
+        missing = [str(f / "rng.pt") for f in folders[1:] if not (f / "rng.pt").is_file()]
+        if missing:
+            raise ValueError(f"{str(path)!r} has no {missing[0]}: it is incomplete")
+        load = lambda folder, name: torch.load(folder / f"{name}.pt", map_location="cpu", weights_only=False)
+        optimizer = tensors["optimizer"]
+        if saved_mode == "fsdp":
+            optimizer = join_optimizer_shards([optimizer] + [load(f, "optimizer") for f in folders[1:]])
+        rng = {**tensors["rng"], "sampler_seed": resharded_sampler_seed(int(config.get("seed", 0)), self.world.rank,
+                                                                        step)}
+        rollout = tensors["rollout"]
+        if rollout is not None:
+            parts = [rollout["batch"]] + [load(f, "rollout")["batch"] for f in folders[1:]]
+            batch = reshard_rollout(parts, config["prompts_per_step"], config["num_generations"],
+                                    config["steps_per_rollout"], self.world.rank, W)
+            if device is not None:
+                batch = {k: None if v is None else v.to(device) for k, v in batch.items()}
+            rollout = {"batch": batch, "metrics": rollout["metrics"]}
+        if self.world.is_main:
+            print(f"grpokit: {str(path)!r} was written by {saved} process(es) ({saved_mode}); continuing on {W} "
+                  f"({self.mode}): same batches and data position, the AdamW state re-split, new sampler streams",
+                  file=sys.stderr, flush=True)
+        return {**tensors, "optimizer": optimizer, "rng": rng, "rollout": rollout}
 
     def load_weights(self, model: torch.nn.Module, folder: Path, load: Callable[[torch.nn.Module, Path], None]):
         """``load(model, folder)`` (``checkpoint.load_weights``); under FSDP, the saved whole tensors are cut
@@ -480,17 +624,34 @@ def local_optimizer_state(optimizer: torch.optim.Optimizer) -> dict:
 
 
 def to_dtensors(optimizer: torch.optim.Optimizer) -> None:
-    """After loading ``local_optimizer_state``: the moments of sharded parameters become shards again."""
-    from torch.distributed.tensor import DTensor
+    """After loading ``local_optimizer_state``: the moments of sharded parameters become shards again. Whole
+    moments (a checkpoint of another process count, ``join_optimizer_shards``) are cut as the parameter is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
 
     for group in optimizer.param_groups:
         for p in group["params"]:
             if not isinstance(p, DTensor):
                 continue
             for name, v in optimizer.state[p].items():
-                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.to_local().shape and v.dim():
+                if not torch.is_tensor(v) or isinstance(v, DTensor) or not v.dim():
+                    continue
+                if v.shape == p.to_local().shape and v.shape != p.shape:
                     optimizer.state[p][name] = DTensor.from_local(v, p.device_mesh, p.placements, run_check=False,
                                                                   shape=p.shape, stride=p.stride())
+                elif v.shape == p.shape:  # whole: every process keeps its own shard, no communication
+                    optimizer.state[p][name] = distribute_tensor(v.to(p.device), p.device_mesh, p.placements,
+                                                                 src_data_rank=None)
+
+
+def join_optimizer_shards(states: list[dict]) -> dict:
+    """FSDP's per-process ``local_optimizer_state`` dicts (rank order) -> one whole ``optimizer.state_dict()``:
+    each moment's shards concatenated along dim 0 (FSDP2 cuts parameters there, in rank order); step counts,
+    the same on every process, kept."""
+    whole = {}
+    for key, first in states[0]["state"].items():
+        whole[key] = {name: torch.cat([s["state"][key][name] for s in states]) if torch.is_tensor(v) and v.dim()
+                      else v for name, v in first.items()}
+    return {"state": whole, "param_groups": states[0]["param_groups"]}
 
 
 def write_rank_files(folder: Path, own: dict[str, Any]) -> None:

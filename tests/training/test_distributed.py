@@ -1,5 +1,6 @@
 """grpokit.training.distributed: how a rollout is split over processes, and 2 gloo processes under torchrun checked
-against 1 process: the same update to float64 rounding, exact resume, rank 0 alone writing files."""
+against 1 process: the same update to float64 rounding, exact resume, rank 0 alone writing files, and checkpoints
+resumed on another number of processes (1 -> 2, 2 -> 1) continuing the run's updates."""
 
 import json
 import os
@@ -15,9 +16,13 @@ from grpokit.training.distributed import (
     World,
     check_batch_shape,
     init_world,
+    join_optimizer_shards,
+    reshard_rollout,
+    resharded_sampler_seed,
     rollout_shard,
     sampler_seed,
     shard_prompts,
+    shard_rows,
 )
 from tests.helpers import save_tiny_model
 from tests.training import distributed_worker
@@ -49,6 +54,13 @@ CASES = [
 RESUME = [dict(name=f"{how}-{mode}", distributed=mode, sample=True, steps_per_rollout=2, max_steps=3, save_steps=1,
                **({"resume_from": f"run-straight-{mode}/checkpoint-1"} if how == "resumed" else {}))
           for mode in ("ddp", "fsdp") for how in ("straight", "resumed")]
+# another process count: checkpoint-1 falls inside a rollout (S = 2), so its rows are re-split; written by one
+# process (in the fixture, before torchrun) and resumed by two, or written by two and resumed by one (in the test)
+RESHARD = dict(steps_per_rollout=2, max_steps=3, save_steps=1)
+PADDED = {"ddp": {}, "fsdp": {"distributed": "fsdp", "padding_free": False}}  # as CASES: FSDP takes the padded forward
+W_CHANGE = [dict(name=f"two-{mode}", **RESHARD, **PADDED[mode]) for mode in PADDED] + [
+    dict(name=f"from-one-{mode}", resume_from=f"run-one-{mode}/checkpoint-1", **RESHARD, **PADDED[mode])
+    for mode in PADDED]
 METRICS = ("reward", "reward_std", "frac_zero_std_groups", "completion_length", "truncated_ratio", "loss", "entropy",
            "kl", "clip_ratio", "ratio_mean", "grad_norm", "kl_exact_reverse", "kl_exact_forward", "tis/mean_weight")
 
@@ -66,9 +78,21 @@ def torchrun(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedP
 def two_processes(tmp_path_factory) -> Path:
     """Every case of CASES and RESUME trained once by 2 gloo processes; their results in the returned folder."""
     out = tmp_path_factory.mktemp("torchrun")
-    (out / "cases.json").write_text(json.dumps(CASES + RESUME))
+    for mode in PADDED:  # one process's checkpoints, for the 2-process runs that resume them
+        one_thread(distributed_worker.run_case, dict(name=f"one-{mode}", **RESHARD, **PADDED[mode]), out)
+    (out / "cases.json").write_text(json.dumps(CASES + RESUME + W_CHANGE))
     torchrun(str(WORKER), str(out / "cases.json"), str(out), cwd=ROOT)
     return out
+
+
+def one_thread(call, *args):
+    """``call(*args)`` with one torch thread, as each torchrun process runs (OMP_NUM_THREADS=1)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return call(*args)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---- the split (no processes needed) ---------------------------------------------------------------------
@@ -197,4 +221,120 @@ def test_cli_under_torchrun_trains_and_only_rank_0_writes(tmp_path):
     AutoModelForCausalLM.from_pretrained(run / "checkpoint-2")  # rank 0 wrote a complete HF model
     one = subprocess.run([sys.executable, "-m", "grpokit", "train", "--config", str(tmp_path / "run.yaml"),
                           "--resume", "--max_steps", "3"], cwd=tmp_path, capture_output=True, text=True)
-    assert one.returncode == 2 and "written by 2 process(es)" in one.stderr, one.stderr
+    assert one.returncode == 0 and "was written by 2 process(es) (ddp); continuing on 1" in one.stderr, one.stderr
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+
+
+# ---- another number of processes -------------------------------------------------------------------------
+
+
+def close(a: dict, b: dict) -> float:
+    return max((a[k] - v).abs().max().item() for k, v in b.items())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(PADDED))
+def test_a_one_process_checkpoint_resumes_on_two(two_processes, mode, tmp_path):
+    """Checkpoint-1 of one process, inside a rollout, resumed by 2 processes: its rows re-split between them,
+    the AdamW state (under FSDP) cut into shards; the parameters and metrics of steps 2-3 are those of the
+    uninterrupted one-process run (completions from fixed_generate, the same whatever the sampler)."""
+    straight = one_thread(distributed_worker.run_case, dict(name=f"straight-{mode}", **RESHARD, **PADDED[mode]),
+                          tmp_path)
+    resumed = torch.load(two_processes / f"from-one-{mode}.pt", weights_only=False)
+    assert resumed["world_size"] == 2 and close(resumed["params"], straight["params"]) < 1e-12
+    for a, b in zip(straight["history"][1:], resumed["history"][-2:]):
+        assert a["step"] == b["step"]
+        for name in METRICS:
+            if name in a:
+                assert b[name] == pytest.approx(a[name], rel=1e-9, abs=1e-12), (a["step"], name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(PADDED))
+def test_a_two_process_checkpoint_resumes_on_one(two_processes, mode, tmp_path):
+    """Checkpoint-1 of 2 processes (rank-1/ holds rank 1's rows, RNG and, under FSDP, its AdamW shard)
+    resumed by one process: the same parameters and metrics as the uninterrupted one-process run."""
+    checkpoint = two_processes / f"run-two-{mode}" / "checkpoint-1"
+    assert (checkpoint / "rank-1" / "rollout.pt").is_file()
+    resumed = one_thread(distributed_worker.run_case, dict(name=f"from-two-{mode}", resume_from=str(checkpoint),
+                                                           **RESHARD, **PADDED[mode]), tmp_path)
+    straight = one_thread(distributed_worker.run_case, dict(name=f"straight-{mode}", **RESHARD, **PADDED[mode]),
+                          tmp_path)
+    assert resumed["world_size"] == 1 and close(resumed["params"], straight["params"]) < 1e-12
+    two = torch.load(two_processes / f"two-{mode}.pt", weights_only=False)
+    assert close(two["params"], straight["params"]) < 1e-12  # (and so is the 2-process run itself)
+    for a, b in zip(straight["history"][1:], resumed["history"][-2:]):
+        for name in METRICS:
+            if name in a:
+                assert b[name] == pytest.approx(a[name], rel=1e-9, abs=1e-12), (a["step"], name)
+
+
+def synthetic_rollout(num_rows: int, generator: torch.Generator) -> dict:
+    """A ``Batch.state_dict()`` of ``num_rows`` rows of random lengths: prompts left-padded, completions
+    right-padded (pad id 9), advantages per row, log-probs per token."""
+    P, C = 5, 6
+    prompt_len = torch.randint(1, P + 1, (num_rows,), generator=generator)
+    completion_len = torch.randint(1, C + 1, (num_rows,), generator=generator)
+    prompt_mask = (torch.arange(P) >= P - prompt_len[:, None]).long()
+    completion_mask = (torch.arange(C) < completion_len[:, None]).long()
+    ids = lambda mask: torch.where(mask.bool(), torch.randint(10, 50, mask.shape, generator=generator), 9)
+    return {"prompt_ids": ids(prompt_mask), "prompt_mask": prompt_mask, "completion_ids": ids(completion_mask),
+            "completion_mask": completion_mask, "loss_mask": completion_mask.clone(),
+            "advantages": torch.randn(num_rows, generator=generator),
+            "old_logps": torch.randn(num_rows, C, generator=generator) * completion_mask, "ref_logps": None}
+
+
+def trimmed(batch: dict) -> dict:
+    """The rows with the padding no row needs cut away: what one process saves of its own rows."""
+    keep_p = batch["prompt_mask"].any(0).nonzero().min().item()
+    keep_c = batch["completion_mask"].any(0).nonzero().max().item() + 1
+    out = {}
+    for k, v in batch.items():
+        if v is None or v.dim() == 1:
+            out[k] = v
+        else:
+            out[k] = v[:, keep_p:] if k.startswith("prompt") else v[:, :keep_c]
+    return out
+
+
+def row_content(batch: dict, i: int) -> tuple:
+    """Row ``i`` without its padding: prompt tokens, completion tokens, advantage, log-probs of its tokens."""
+    pm, cm = batch["prompt_mask"][i].bool(), batch["completion_mask"][i].bool()
+    return (batch["prompt_ids"][i][pm].tolist(), batch["completion_ids"][i][cm].tolist(),
+            batch["advantages"][i].item(), batch["old_logps"][i][cm].tolist(), batch["loss_mask"][i][cm].tolist())
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2), (2, 4), (4, 2)])
+def test_a_saved_rollout_is_re_split_for_another_process_count(before, after):
+    """The rows each of ``before`` processes saved (trimmed to its own widths) come back as each of ``after``
+    processes would have sampled them: the same rows, each with its tokens, advantage and log-probs, and the
+    padding ids the rollout used."""
+    P, G, S = 8, 2, 2
+    whole = synthetic_rollout(P * G, torch.Generator().manual_seed(before * 10 + after))
+    parts = [trimmed({k: None if v is None else v[shard_rows(P, G, S, before, r)] for k, v in whole.items()})
+             for r in range(before)]
+    for rank in range(after):
+        got = reshard_rollout(parts, P, G, S, rank, after)
+        rows = shard_rows(P, G, S, after, rank)
+        assert got["ref_logps"] is None and got["advantages"].shape == (len(rows),)
+        assert [row_content(got, i) for i in range(len(rows))] == [row_content(whole, r) for r in rows]
+        assert set(got["prompt_ids"][got["prompt_mask"] == 0].tolist()) <= {9}
+
+
+def test_fsdp_shards_join_into_the_whole_optimizer_state():
+    whole = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(5, 3), "exp_avg_sq": torch.rand(5, 3)},
+                       1: {"step": torch.tensor(3.0), "exp_avg": torch.randn(1), "exp_avg_sq": torch.rand(1)}},
+             "param_groups": [{"lr": 0.1, "params": [0, 1]}]}
+    shards = [{"state": {k: {n: v.chunk(2)[r] if v.dim() and r < len(v.chunk(2)) else
+                             (v[:0] if v.dim() else v) for n, v in s.items()} for k, s in whole["state"].items()},
+               "param_groups": whole["param_groups"]} for r in range(2)]  # torch.chunk: rank 1 of a (1,) is empty
+    joined = join_optimizer_shards(shards)
+    assert joined["param_groups"] == whole["param_groups"]
+    for k, s in whole["state"].items():
+        assert all(torch.equal(joined["state"][k][n], v) for n, v in s.items())
+
+
+def test_resharded_sampler_seeds_are_new_streams():
+    seeds = {resharded_sampler_seed(0, rank, step) for rank in range(4) for step in (1, 2, 100)}
+    assert len(seeds) == 12 and not seeds & {sampler_seed(0, rank) for rank in range(4)}
+    assert all(0 <= s < 2**63 for s in seeds) and resharded_sampler_seed(0, 1, 2) == resharded_sampler_seed(0, 1, 2)

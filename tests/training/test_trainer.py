@@ -321,7 +321,8 @@ def test_processing_class_is_an_alias_of_tokenizer(tmp_path):
 
 
 ROW_KEYS = {"step", "step_time", "tokens_per_s", "loss", "entropy", "clip_ratio", "clip_ratio_low", "clip_ratio_high",
-            "ratio_mean", "learning_rate", "grad_norm", "reward", "reward_std", "rewards/count_a", "completion_length",
+            "ratio_mean", "learning_rate", "grad_norm", "reward", "reward_std", "rewards/count_a",
+            "rewards/count_a/errors", "rewards/count_a/timeouts", "completion_length",
             "completion_length_max", "truncated_ratio", "frac_zero_std_groups", "rollout/weight_sync_s",
             "mismatch/logp_abs_max", "mismatch/logp_abs_mean", "mismatch/kl"}
 
