@@ -211,7 +211,7 @@ def call_rewards(funcs: Sequence[RewardFunction], prompts, completions, completi
                 value = check(fn, value, _sample(i, rows))
             if isinstance(value, Failure):
                 if runner.on_error == "raise":
-                    raise RewardError(_message(fn, value, _sample(i, rows)))
+                    raise RewardError(_message(fn, value, _sample(i, rows))) from value.exception
                 failures[i, j], value = value.code, None
             column.append(value)
         values.append(column)
@@ -281,7 +281,7 @@ def _per_sample(fn: RewardFunction, batch: Failure, runner: RewardRunner, kwargs
     if runner.on_error == "raise" and not any(isinstance(e, Failure) for e in entries):
         raise RewardError(_message(fn, batch, f"a batch of {n} completions").replace(
             " (reward_timeout_s)", " (each sample alone finished in time: reward_timeout_s bounds one call of the "
-                                   "function, over the whole batch)"))
+                                   "function, over the whole batch)")) from batch.exception
     return entries
 
 

@@ -41,7 +41,7 @@ import sys
 import threading
 import traceback
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,9 @@ class Failure:
     """The exception's class name (``ERROR`` raised by the function; empty for a value it returned)."""
     where: str = ""
     """``file.py:line`` of the innermost frame of the exception, when known."""
+    exception: BaseException | None = field(default=None, compare=False, repr=False)
+    """The exception itself when it was raised in this process (a worker's stays there): the cause of the
+    ``RewardError``, so that ``--debug`` shows its traceback."""
 
 
 
@@ -142,7 +145,7 @@ class RewardRunner:
             threading.Thread(target=lambda: future.set_result(_run(fn.func, kwargs)), daemon=True,
                              name=f"grpokit-reward-{fn.name}").start()
             return lambda: _wait_future(future, timeout)
-        future = self.pool().schedule(_run, args=(process_ref(fn), kwargs), timeout=timeout)
+        future = self.pool().schedule(_run, args=(process_ref(fn), kwargs, False), timeout=timeout)
         return lambda: _wait_pool(future, timeout)
 
     def _wait_async(self, future: concurrent.futures.Future, loop) -> Any:
@@ -239,14 +242,15 @@ def process_ref(fn) -> Callable | FileFunction | None:
     return func
 
 
-def _run(func, kwargs: dict[str, Any]) -> Any:
-    """``func(**kwargs)``, or a ``Failure`` for what it raised (this runs in the worker processes too)."""
+def _run(func, kwargs: dict[str, Any], keep_exception: bool = True) -> Any:
+    """``func(**kwargs)``, or a ``Failure`` for what it raised (this runs in the worker processes too, which
+    send back no exception object: it may not pickle)."""
     try:
         if isinstance(func, FileFunction):
             func = func.load()
         return func(**kwargs)
     except Exception as e:
-        return _failure(e)
+        return _failure(e, keep_exception)
 
 
 async def _run_async(func, kwargs: dict[str, Any], timeout: float | None) -> Any:
@@ -254,7 +258,7 @@ async def _run_async(func, kwargs: dict[str, Any], timeout: float | None) -> Any
         try:
             return await func(**kwargs)
         except Exception as e:
-            return _failure(e)
+            return _failure(e, True)
 
     if timeout is None:
         return await guarded()
@@ -264,11 +268,11 @@ async def _run_async(func, kwargs: dict[str, Any], timeout: float | None) -> Any
         return Failure(TIMEOUT, f"timed out after {timeout:g} s")
 
 
-def _failure(e: BaseException) -> Failure:
+def _failure(e: BaseException, keep_exception: bool) -> Failure:
     tb = traceback.extract_tb(e.__traceback__)
     where = f"{Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return Failure(ERROR, text, error_type=type(e).__name__, where=where)
+    return Failure(ERROR, text, error_type=type(e).__name__, where=where, exception=e if keep_exception else None)
 
 
 def _wait_future(future: concurrent.futures.Future, timeout: float | None) -> Any:

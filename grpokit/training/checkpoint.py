@@ -168,13 +168,15 @@ def best_checkpoint(output_dir: str | Path, step: int, history: list[dict[str, A
     return f"checkpoint-{s}", value
 
 
-def check_best_metric(metric: str | None, row: dict[str, Any]) -> None:
-    """ValueError unless ``metric`` (``metric_for_best_model``) is a key of the metrics row ``row``."""
-    if metric is None or metric in row:
+def check_best_metric(metric: str | None, rows: list[dict[str, Any]], evaluating: bool = False) -> None:
+    """ValueError unless ``metric`` (``metric_for_best_model``) is a key of the metrics rows ``rows`` (a run's
+    first), or with ``evaluating`` an ``eval/`` metric, which only the rows of evaluation steps carry."""
+    if metric is None or any(metric in row for row in rows) or (evaluating and metric.startswith("eval/")):
         return
-    hint = closest(metric, list(row))
+    keys = sorted({k for row in rows for k in row})
+    hint = closest(metric, keys)
     raise ValueError(f"metric_for_best_model {metric!r} is not a key of the metrics rows"
-                     + (f"; did you mean {hint!r}?" if hint else f" (keys: {', '.join(sorted(row))})"))
+                     + (f"; did you mean {hint!r}?" if hint else f" (keys: {', '.join(keys)})"))
 
 
 def save_error(error: OSError, output_dir: Path, step: int, holders: list) -> CheckpointError:

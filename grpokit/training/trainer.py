@@ -242,6 +242,7 @@ class GRPOTrainer:
             preload_plotting()
         self.model.train()
         stop = GracefulStop().install()  # SIGTERM, SIGINT, SIGUSR1: stop after this step (grpokit.training.signals)
+        first_step = self.step + 1
         try:
             while self.step < args.max_steps:
                 start = time.perf_counter()
@@ -264,7 +265,8 @@ class GRPOTrainer:
                        "tokens_per_s": num_tokens / elapsed}
                 if self.evaluation is not None and self.evaluation.due(self.step):
                     row.update(self.evaluate())
-                check_best_metric(args.metric_for_best_model, row)
+                if self.step == first_step:  # metric_for_best_model names a metric (eval/* once evaluated)
+                    check_best_metric(args.metric_for_best_model, [*pending, row], self.evaluation is not None)
                 for done in [*pending, row]:
                     reporter.log(done, self._samples if done is row else None)  # a tracker that fails to start
                     logger.log(done)  # stops the run before an overwritten run's files go

@@ -118,8 +118,10 @@ def test_raise_names_function_sample_row_and_exception(runner):
     with pytest.raises(RewardError, match=r"'raises_on_boom' raised ZeroDivisionError on sample 2 \(dataset row 12\): "
                                           r"division by zero \(at test_runner.py:\d+\)"):
         run([raises_on_boom], r)
-    with pytest.raises(RewardError, match=r"'raises_on_boom' raised ZeroDivisionError on sample 2 \(dataset row 12\)"):
+    with pytest.raises(RewardError, match=r"'raises_on_boom' raised ZeroDivisionError on sample 2 \(dataset row 12\)") \
+            as error:
         run([raises_on_boom], runner())  # the same without a timeout: direct calls
+    assert isinstance(error.value.__cause__, ZeroDivisionError)  # --debug shows the function's own traceback
 
 
 def test_a_worker_that_ignores_sigterm_is_killed(runner, tmp_path, monkeypatch):

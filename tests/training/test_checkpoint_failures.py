@@ -93,6 +93,14 @@ def test_an_unknown_metric_is_refused_at_the_first_step(tmp_path):
     assert not list_checkpoints(tmp_path)
 
 
+def test_an_eval_metric_is_accepted_before_its_first_evaluation():
+    from grpokit.training.checkpoint import check_best_metric
+
+    check_best_metric("eval/reward", [{"step": 1, "reward": 0.5}], evaluating=True)
+    with pytest.raises(ValueError, match="'eval/reward' is not a key"):
+        check_best_metric("eval/reward", [{"step": 1, "reward": 0.5}], evaluating=False)
+
+
 def fake_checkpoints(folder: Path, steps: list[int]) -> None:
     for step in steps:
         (folder / f"checkpoint-{step}").mkdir(parents=True)
