@@ -32,12 +32,12 @@ from grpokit.rewards.builtin import (
     CONFIGURED,
     REGISTRY,
     char_match,
-    completion_text,
     contains_answer,
     exact_match,
 )
 from grpokit.rewards.reasoning import accuracy, overlong_penalty, soft_overlong, think_format
 from grpokit.rewards.runner import ERROR, TIMEOUT, Failure, RewardRunner
+from grpokit.rewards.text import completion_text
 from grpokit.util import closest
 
 __all__ = [

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-
-def completion_text(completion) -> str:
-    """The text of a completion in either of TRL's two shapes."""
-    if isinstance(completion, list):
-        return "".join(m.get("content") or "" for m in completion if isinstance(m, dict))
-    return str(completion)
+from grpokit.rewards.reasoning import accuracy, soft_overlong, think_format
+from grpokit.rewards.text import completion_text
 
 
 def char_match(prompts, completions, completion_ids=None, *, target, **_) -> list[float]:
@@ -39,9 +35,6 @@ def contains_answer(prompts, completions, completion_ids=None, *, answer, **_) -
     """1.0 when the ``answer`` column occurs in the completion, else 0.0."""
     return [float(str(a) in completion_text(c)) for c, a in zip(completions, answer)]
 
-
-# reasoning rewards; imported here, below completion_text, which they use
-from grpokit.rewards.reasoning import accuracy, soft_overlong, think_format  # noqa: E402
 
 REGISTRY: dict[str, Callable] = {
     "char_match": char_match,

@@ -18,7 +18,7 @@ import logging
 import re
 import threading
 
-from grpokit.rewards.builtin import completion_text
+from grpokit.rewards.text import completion_text
 
 
 def accuracy(prompts, completions, completion_ids=None, *, solution, **_) -> list[float | None]:

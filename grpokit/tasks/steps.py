@@ -18,8 +18,8 @@ tokens: that is what ``benchmarks/process_vs_outcome.py`` compares.
 
 from __future__ import annotations
 
-from grpokit.rewards.builtin import completion_text
 from grpokit.rewards.process import split_steps
+from grpokit.rewards.text import completion_text
 
 DELIMITER = ";"
 LETTERS = "abcdef"
