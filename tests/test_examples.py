@@ -20,3 +20,14 @@ def test_trl_quickstart_runs_offline(tmp_path):
     history = example.main(["--max_steps", "3", "--output_dir", str(tmp_path / "run")])
     assert [r["step"] for r in history] == [1, 2, 3]
     assert (tmp_path / "run" / "checkpoint-3").is_dir()
+
+
+def test_tools_quickstart_runs_offline(tmp_path):
+    path = EXAMPLE.parent / "tools_quickstart.py"
+    spec = importlib.util.spec_from_file_location("tools_quickstart", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    history = example.main(["--max-steps", "2", "--output_dir", str(tmp_path / "run")])
+    assert [r["step"] for r in history] == [1, 2]
+    assert {"tools/turns", "tools/call_frequency", "tools/failure_frequency"} <= set(history[-1])
+    assert example.accuracy([[{"role": "assistant", "content": "it is 12"}], "56"], [12, 65]) == [1.0, 0.0]

@@ -62,6 +62,11 @@ class Rollout:
     sampling_entropy: torch.Tensor | None = None
     """(B, C) entropy of that distribution at each completion token, 0 on padding (``None`` where a rollout
     was built without it). The trainer logs it for rows that need no training forward (``skip_zero_advantage``)."""
+    model_mask: torch.Tensor | None = None
+    """(B, C) long, 1 on tokens the model sampled, 0 on environment tokens (tool messages of a multi-turn
+    rollout, ``grpokit.rollout.multi_turn``) and on padding; the loss sees only the former. ``None``: every
+    completion token is the model's (single-turn rollouts). A multi-turn rollout's completion is its whole
+    transcript: ``completion_mask`` is 1 on all of it, EOS tokens inside it included."""
 
     @property
     def num_tokens(self) -> int:

@@ -266,8 +266,8 @@ def start_lean(model: torch.nn.Module, compute_dtype: torch.dtype | None = None)
         first, index = distinct_rows(torch.cat([prompt_ids, prompt_mask], 1))  # (U,), (B,)
         decoder = LlamaFamilyDecoder(model, prompt_mask[first], max_new_tokens, compute_dtype)
         logits = decoder.prefill(prompt_ids[first])  # (U, V)
-        if first.numel() < prompt_ids.size(0):
-            decoder.select(index)
+        if not torch.equal(index, torch.arange(index.numel(), device=index.device)):  # shared, or in another
+            decoder.select(index)  # order: distinct rows come sorted (multi-turn prompts are all distinct)
             logits = logits[index]
         return logits, decoder.step, decoder.keep
 

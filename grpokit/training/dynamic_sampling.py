@@ -119,7 +119,8 @@ def concat(parts: list[Sampled], pad_id: int) -> Sampled:
 
 def cat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
     """Rollouts of different widths as one: prompts left-padded, completions right-padded to the widest, ids
-    with ``pad_id`` (the tokenizer's), masks, sampling log-probs and entropies with 0."""
+    with ``pad_id`` (the tokenizer's), masks, sampling log-probs and entropies with 0. ``model_mask``: ``None``
+    when every part's is; otherwise a part without one counts all its completion tokens as the model's."""
     P = max(r.prompt_ids.size(1) for r in rollouts)
     C = max(r.completion_ids.size(1) for r in rollouts)
     pad = pad_id
@@ -133,6 +134,9 @@ def cat_rollouts(rollouts: list[Rollout], pad_id: int) -> Rollout:
         texts=[t for r in rollouts for t in r.texts],
         sampling_entropy=None if any(r.sampling_entropy is None for r in rollouts) else
         torch.cat([_pad(r.sampling_entropy, C, 0.0, left=False) for r in rollouts]),
+        model_mask=None if all(r.model_mask is None for r in rollouts) else
+        torch.cat([_pad(r.completion_mask if r.model_mask is None else r.model_mask, C, 0, left=False)
+                   for r in rollouts]),
     )
 
 
