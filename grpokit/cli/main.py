@@ -13,7 +13,7 @@ newest checkpoint; ``--overwrite`` replaces an earlier run there (without either
 Bad input gives one line on stderr and exit status 2; a run stopped by a non-finite loss or gradient, or by a
 checkpoint it could not write, exit status 1 (``--debug`` shows the traceback). SIGTERM, SIGINT or SIGUSR1
 during training stops the run after its current step with a checkpoint and the command that resumes it,
-exit status 0 (``grpokit.training.signals``).
+exit status 0; a second one exits at once (``grpokit.training.signals``).
 
 Each command imports what it runs inside its own function: ``grpokit --help`` and a mistyped config key
 answer without loading torch and transformers (seconds). The layering itself holds for these imports too

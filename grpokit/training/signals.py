@@ -3,10 +3,11 @@
 
 While ``train()`` runs, the first such signal only sets a flag: the current optimizer step finishes, a checkpoint
 of it is written, the run says how to resume, and ``train()`` returns the rows so far (``grpokit train``
-exits 0). A second signal exits at once, with the signal's own status: at worst a checkpoint being written is
-left as a ``.tmp-checkpoint-*`` folder, which the next start sweeps away; the checkpoint before it is complete,
-since a checkpoint only takes its ``checkpoint-<step>`` name by an atomic rename once every file is on disk
-(``grpokit.training.checkpoint``).
+exits 0). A second signal exits at once: SIGTERM and SIGUSR1 with the signal's own status, SIGINT as Python's
+Ctrl-C does, by ``KeyboardInterrupt`` (``grpokit train`` exits 130; a notebook's kernel survives). At worst a
+checkpoint being written is left as a ``.tmp-checkpoint-*`` folder, which the next start sweeps away; the
+checkpoint before it is complete, since a checkpoint only takes its ``checkpoint-<step>`` name by an atomic
+rename once every file is on disk (``grpokit.training.checkpoint``).
 
 Under torchrun each process gets the signal (torchrun forwards it) but maybe not at the same step: after
 every step the processes all-reduce their flags (``World.max_float``; one process skips it), so all stop
@@ -55,9 +56,11 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
-        if self.requested is not None:  # the second signal: leave now, with that signal's own exit status
+        if self.requested is not None:  # the second signal: leave now
             _write(f"grpokit: {name} again: exiting now (the last complete checkpoint is kept)\n")
-            signal.signal(signum, signal.SIG_DFL)
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            signal.signal(signum, signal.SIG_DFL)  # die of the signal itself, with its exit status
             os.kill(os.getpid(), signum)
             return
         self.requested = name

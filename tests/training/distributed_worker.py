@@ -2,8 +2,9 @@
 
     torchrun --nproc-per-node 2 tests/training/distributed_worker.py CASES.json OUT_DIR
 
-Each case is a dict of ``GRPOConfig`` fields, plus ``"sample": true`` to sample for real and
-``"resume_from": "<path under OUT_DIR>"`` to start from a checkpoint. Sampling is
+Each case is a dict of ``GRPOConfig`` fields, plus ``"sample": true`` to sample for real,
+``"resume_from": "<path under OUT_DIR>"`` to start from a checkpoint and ``"signal_on_rank": r`` for process r
+to send itself SIGUSR1 while its second rollout is scored. Sampling is
 replaced by ``fixed_generate``: the completions of a prompt depend only on the prompt and the completion's place
 in its group, never on the process, the model or a generator, so 1 and 2 processes train on the same
 completions. Rank 0 writes ``OUT_DIR/<name>.pt`` with the whole parameters after the run and the metrics rows.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import zlib
 from pathlib import Path
@@ -67,7 +69,7 @@ def make_trainer(case: dict, output_dir: Path) -> GRPOTrainer:
     fields = dict(output_dir=str(output_dir), seed=0, max_steps=2, learning_rate=1e-2, prompts_per_step=4,
                   num_generations=4, max_completion_length=5, save_steps=0, logging_steps=1000, dtype="float64",
                   max_grad_norm=0.5, overwrite_output_dir=True)
-    fields.update({k: v for k, v in case.items() if k not in ("name", "resume_from", "sample")})
+    fields.update({k: v for k, v in case.items() if k not in ("name", "resume_from", "sample", "signal_on_rank")})
     return GRPOTrainer(model, reward, [{"prompt": p} for p in PROMPTS], args=GRPOConfig(**fields),
                        tokenizer=tokenizer)
 
@@ -103,8 +105,24 @@ def run_case(case: dict, out: Path) -> dict:
     trainer = make_trainer(case, out / f"run-{case['name']}")
     if not case.get("sample"):
         trainer.engine = FixedEngine(trainer.model, trainer.tokenizer, case.get("num_generations", 4))
+    if case.get("signal_on_rank") == trainer.world.rank:
+        trainer.reward_funcs[0].func = signalling(trainer.reward_funcs[0].func, call=2)
     history = trainer.train(resume_from_checkpoint=out / case["resume_from"] if "resume_from" in case else None)
-    return {"params": whole_parameters(trainer), "history": history, "world_size": trainer.world.world_size}
+    return {"params": whole_parameters(trainer), "history": history, "world_size": trainer.world.world_size,
+            "stopped_by": trainer.stopped_by}
+
+
+def signalling(func, call: int):
+    """``func``, sending this process SIGUSR1 during its ``call``-th call."""
+    calls = [0]
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return func(*args, **kwargs)
+
+    return wrapped
 
 
 def collectives() -> dict:

@@ -61,6 +61,8 @@ PADDED = {"ddp": {}, "fsdp": {"distributed": "fsdp", "padding_free": False}}  # 
 W_CHANGE = [dict(name=f"two-{mode}", **RESHARD, **PADDED[mode]) for mode in PADDED] + [
     dict(name=f"from-one-{mode}", resume_from=f"run-one-{mode}/checkpoint-1", **RESHARD, **PADDED[mode])
     for mode in PADDED]
+# a stop signal on rank 1 only, during step 2's rollout: both processes stop after step 2
+SIGNALLED = [dict(name="signal-ddp", signal_on_rank=1, max_steps=4)]
 METRICS = ("reward", "reward_std", "frac_zero_std_groups", "completion_length", "truncated_ratio", "loss", "entropy",
            "kl", "clip_ratio", "ratio_mean", "grad_norm", "kl_exact_reverse", "kl_exact_forward", "tis/mean_weight")
 
@@ -80,7 +82,7 @@ def two_processes(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("torchrun")
     for mode in PADDED:  # one process's checkpoints, for the 2-process runs that resume them
         one_thread(distributed_worker.run_case, dict(name=f"one-{mode}", **RESHARD, **PADDED[mode]), out)
-    (out / "cases.json").write_text(json.dumps(CASES + RESUME + W_CHANGE))
+    (out / "cases.json").write_text(json.dumps(CASES + RESUME + W_CHANGE + SIGNALLED))
     torchrun(str(WORKER), str(out / "cases.json"), str(out), cwd=ROOT)
     return out
 
@@ -338,3 +340,15 @@ def test_resharded_sampler_seeds_are_new_streams():
     seeds = {resharded_sampler_seed(0, rank, step) for rank in range(4) for step in (1, 2, 100)}
     assert len(seeds) == 12 and not seeds & {sampler_seed(0, rank) for rank in range(4)}
     assert all(0 <= s < 2**63 for s in seeds) and resharded_sampler_seed(0, 1, 2) == resharded_sampler_seed(0, 1, 2)
+
+
+@pytest.mark.slow
+def test_a_signal_on_one_process_stops_every_process_after_the_same_step(two_processes):
+    """SIGUSR1 reaches rank 1 alone: the all-reduced flag stops both after step 2, and they write checkpoint-2
+    together (rank 1's files included); rank 0 says another process was signalled."""
+    result = torch.load(two_processes / "signal-ddp.pt", weights_only=False)
+    assert [r["step"] for r in result["history"]] == [1, 2]
+    assert result["stopped_by"] == "a stop signal on another process"
+    checkpoint = two_processes / "run-signal-ddp" / "checkpoint-2"
+    assert (checkpoint / "trainer_state.json").is_file() and (checkpoint / "rank-1" / "rng.pt").is_file()
+    assert not (two_processes / "run-signal-ddp" / "checkpoint-4").exists()

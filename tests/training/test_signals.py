@@ -15,6 +15,18 @@ from grpokit.training.signals import GracefulStop
 from tests.training.test_resume import make_trainer, rows_done, spawn, stderr_of, strip, write_run
 
 
+def test_a_second_sigint_is_a_keyboard_interrupt():
+    before = signal.getsignal(signal.SIGINT)
+    with GracefulStop() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.requested == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) == before
+
+
 def test_handlers_are_installed_in_the_main_thread_and_restored():
     before = signal.getsignal(signal.SIGUSR1)
     with GracefulStop() as stop:
@@ -89,20 +101,21 @@ def test_sigterm_to_the_cli_exits_0_and_resume_reaches_the_same_final_step(tmp_p
 
 
 @pytest.mark.slow
-def test_a_second_signal_exits_at_once_and_the_last_checkpoint_loads(tmp_path):
-    """Two SIGINTs in a row, the second while the first's checkpoint may be being written: the process dies
-    of the signal at once, every ``checkpoint-*`` left is complete, and ``--resume`` finishes the run."""
+def test_a_second_sigterm_exits_at_once_and_the_last_checkpoint_loads(tmp_path):
+    """Two SIGTERMs in a row, the second while the first's checkpoint may be being written: the process dies of
+    the signal at once, every ``checkpoint-*`` left is complete, and ``--resume`` finishes the run. (A second
+    SIGINT raises KeyboardInterrupt: exit status 130.)"""
     config = write_run(tmp_path, save_steps=2, max_steps=10)
     out = tmp_path / "out"
     proc = spawn(config)
     deadline = time.monotonic() + 120
     while rows_done(out) < 3 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signal.SIGTERM)
     time.sleep(0.05)
-    proc.send_signal(signal.SIGINT)
-    assert proc.wait(timeout=60) == -signal.SIGINT, stderr_of(proc)
-    assert "SIGINT again: exiting now" in stderr_of(proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == -signal.SIGTERM, stderr_of(proc)
+    assert "SIGTERM again: exiting now" in stderr_of(proc)
     assert list_checkpoints(out)  # complete ones only (trainer_state.json is written last)
     resumed = spawn(config, "--resume")
     assert resumed.wait(timeout=120) == 0, stderr_of(resumed)
