@@ -17,6 +17,7 @@ import ast
 import dataclasses
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -188,8 +189,9 @@ class GRPOConfig(LossConfig):
     """``rollout_engine: vllm`` on CUDA: free vLLM's weights and KV cache after each rollout and take them back
     before the next, so that training gets that memory (TRL's name). Not available on a CPU."""
     vllm_kv_cache_gb: float | None = None
-    """``rollout_engine: vllm`` on a CPU: GiB of memory for vLLM's KV cache (its ``VLLM_CPU_KVCACHE_SPACE``).
-    ``None``: 1 GiB, ample for CPU-sized models."""
+    """``rollout_engine: vllm``: GiB of memory for vLLM's KV cache (``kv_cache_memory_bytes``; on CUDA it then
+    replaces ``vllm_gpu_memory_utilization``'s sizing of the cache). ``None``: 1 GiB on a CPU (ample for
+    CPU-sized models; ``VLLM_CPU_KVCACHE_SPACE`` is honoured when set), vLLM's own sizing on CUDA."""
     vllm_enforce_eager: bool | None = None
     """``rollout_engine: vllm``: run without CUDA graphs / compilation (faster start, slower decoding).
     ``None``: eager on a CPU, graphs on CUDA."""
@@ -202,7 +204,7 @@ class GRPOConfig(LossConfig):
     max_turn_length: int | None = None
     """Most tokens the model samples in one turn of an episode. ``None``: whatever the transcript has left of
     ``max_completion_length``."""
-    tool_call_parser: Any = "auto"
+    tool_call_parser: str | Callable = "auto"
     """How tool calls are read from a model turn (``grpokit.rollout.tools``): ``hermes`` (Hermes / Qwen
     ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``), ``compact`` (``!name arg ...`` lines, a name
     cut to a prefix only one tool has; for tiny models), ``auto`` (``hermes`` for chat prompts, ``compact`` for

@@ -163,13 +163,15 @@ class MultiTurnSampler:
         max_tool_calling_iterations: most rounds of tool calls per episode; ``None``: no limit but the budget.
         max_turn_length: most tokens per model turn; ``None``: whatever the transcript has left.
         tool_timeout: seconds a tool call may run; ``None``: no limit.
-        max_prompt_length: prompts keep their last this many tokens (tools rendered in).
+        max_prompt_length, prompt_truncation: a longer prompt (tools rendered in) keeps its last tokens
+            (``left``) or is an error (``error``).
     """
 
     def __init__(self, *, tools: Sequence[Callable] | None = None, environment_factory: Callable | None = None,
                  rollout_func: Callable | None = None, tool_call_parser: str | Callable = "auto",
                  max_tool_calling_iterations: int | None = None, max_turn_length: int | None = None,
-                 tool_timeout: float | None = None, max_prompt_length: int | None = None):
+                 tool_timeout: float | None = None, max_prompt_length: int | None = None,
+                 prompt_truncation: str = "left"):
         if rollout_func is not None and (tools or environment_factory is not None):
             raise ValueError("rollout_func takes over the whole rollout: give it without tools or environment_factory")
         if rollout_func is not None and not callable(rollout_func):
@@ -187,7 +189,7 @@ class MultiTurnSampler:
         self.max_rounds = max_tool_calling_iterations
         self.max_turn_length = max_turn_length
         self.tool_timeout = tool_timeout
-        self.max_prompt_length = max_prompt_length
+        self.max_prompt_length, self.prompt_truncation = max_prompt_length, prompt_truncation
         self.schemas = [t.schema for t in self.tools + self.environment_tools]
         every = self.tools + self.environment_tools
         self.parsers = {chat: make_parser(tool_call_parser, every, chat=chat) for chat in (True, False)}
@@ -282,7 +284,7 @@ class MultiTurnSampler:
 
     def encode(self, tokenizer, prompt) -> list[int]:
         """Token ids of a prompt as ``grpokit.training.data.encode_prompt`` makes them, with the tool schemas
-        given to the chat template (``apply_chat_template(tools=...)``)."""
+        given to the chat template (``apply_chat_template(tools=...)``), and cut to ``max_prompt_length``."""
         if is_chat(prompt):
             if getattr(tokenizer, "chat_template", None) is None:
                 raise ValueError("the prompts are chat messages but the tokenizer has no chat_template")
@@ -295,7 +297,13 @@ class MultiTurnSampler:
             raise ValueError(f"a prompt must be a string or a list of chat messages, got {type(prompt).__name__}")
         if not ids:
             raise ValueError(f"prompt {prompt!r} encodes to no tokens")
-        return ids[-self.max_prompt_length:] if self.max_prompt_length is not None else ids
+        limit = self.max_prompt_length
+        if limit is None or len(ids) <= limit:
+            return ids
+        if self.prompt_truncation == "error":
+            raise ValueError(f"a prompt has {len(ids)} tokens with the tools rendered in, more than max_prompt_length="
+                             f"{limit} (prompt_truncation: error): {prompt!r}")
+        return ids[-limit:]
 
     def _model_turn(self, e: _Episode, turn: list[int], logps: list[float], entropy: list[float] | None, text: str,
                     eos: set[int], budget: int, tokenizer) -> bool:
@@ -460,7 +468,8 @@ def episodes_from_rollout_func(output: dict, prompts: list, group_size: int, tok
                                                                                   for c in completion_lists]),
                       sampling_logps=logps, texts=texts, model_mask=model_mask)
     columns = {k: list(v) for k, v in output.items() if k not in (*ROLLOUT_FUNC_KEYS, "env_mask")}
-    columns["messages"] = [conversation(p) + [{"role": "assistant", "content": t}] for p, t in zip(prompts, texts)]
+    columns.setdefault("messages", [conversation(p) + [{"role": "assistant", "content": t}]
+                                    for p, t in zip(prompts, texts)])
     completions = [[{"role": "assistant", "content": t}] if is_chat(p) else t for p, t in zip(prompts, texts)]
     model_tokens = float(completion_mask.sum() if model_mask is None else model_mask.sum())
     totals = {"episodes": float(B), "turns": 0.0, "tool_calls": 0.0, "tool_failures": 0.0,
@@ -478,6 +487,6 @@ def make_sampler(args, *, tools=None, environment_factory=None, rollout_func=Non
                             tool_call_parser=args.tool_call_parser,
                             max_tool_calling_iterations=args.max_tool_calling_iterations,
                             max_turn_length=args.max_turn_length, tool_timeout=args.tool_timeout,
-                            max_prompt_length=args.max_prompt_length)
+                            max_prompt_length=args.max_prompt_length, prompt_truncation=args.prompt_truncation)
 
 

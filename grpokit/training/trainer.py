@@ -136,6 +136,9 @@ class GRPOTrainer:
         if (eval_data is None) == bool(args.eval_steps):
             raise ValueError("eval_steps needs eval_dataset (or eval_split)" if args.eval_steps else
                              "eval_dataset is given but eval_steps is 0: set eval_steps")
+        if eval_data is not None and self.agent is not None:
+            raise ValueError("evaluation (eval_steps) samples single turns without tools: it does not run the episodes "
+                             "of tools / environment_factory / rollout_func yet; leave eval_steps at 0")
         self.run = run_description(args.to_dict(), model=model_name(model), dataset=dataset_name(train_dataset),
                                    reward_funcs=[f.name for f in self.reward_funcs])
         check_trackers(args.report_to)  # a tracker's missing package, before the model loads
@@ -639,6 +642,11 @@ class GRPOTrainer:
         return self._prompt_cache[row]
 
     # ------------------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free what the rollout engine holds (a vLLM engine, its memory and temporary folder). The trainer
+        can still save, but a later ``train()`` or evaluation needs a new trainer."""
+        self.engine.close()
 
     def save_checkpoint(self) -> Path:
         """``output_dir/checkpoint-<step>/``: weights, tokenizer, optimizer, scheduler, RNGs, data order, and

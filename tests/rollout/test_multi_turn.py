@@ -460,3 +460,14 @@ def test_lean_samples_rows_that_all_differ_in_their_own_order():
     hf = HFEngine(model, tok).generate(prompts, params)
     assert torch.equal(lean.completion_ids, hf.completion_ids)
     torch.testing.assert_close(lean.sampling_logps, hf.sampling_logps, rtol=0, atol=1e-5)
+
+
+def test_prompts_are_encoded_with_the_tools_and_cut_as_the_config_says():
+    tok = char_tokenizer()
+    assert MultiTurnSampler(tools=[peek], max_prompt_length=2).encode(tok, "abcd") == tok("cd")["input_ids"]
+    with pytest.raises(ValueError, match="more than max_prompt_length=2 .prompt_truncation: error."):
+        MultiTurnSampler(tools=[peek], max_prompt_length=2, prompt_truncation="error").encode(tok, "abcd")
+    tok.chat_template = ("{% for t in tools %}[{{ t['function']['name'] }}]{% endfor %}"
+                         "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    ids = MultiTurnSampler(tools=[peek, add]).encode(tok, [{"role": "user", "content": "?"}])
+    assert tok.decode(ids) == "<unk>peek<unk><unk>add<unk>?"  # [peek][add]?: the schemas reach the template

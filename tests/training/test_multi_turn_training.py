@@ -341,3 +341,6 @@ def test_bad_arguments_are_named(tmp_path):
     assert trainer.reward_weights == [2.0, 1.0]
     with pytest.raises(ValueError, match="max_turn_length must be an integer >= 1"):
         GRPOConfig(max_turn_length=0)
+    (tmp_path / "eval.jsonl").write_text('{"prompt": "ab"}\n')
+    with pytest.raises(ValueError, match="evaluation .eval_steps. samples single turns"):
+        make_trainer(tmp_path, tools=[peek], eval_steps=1, eval_dataset=str(tmp_path / "eval.jsonl"))
