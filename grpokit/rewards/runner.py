@@ -20,7 +20,8 @@
 * without a timeout, a plain function runs in this process, as a direct call (the default).
 
 When the call over the whole batch fails (it raised, timed out, or its worker died), the function is called
-on each sample alone, concurrently, each call under the timeout, to find the samples it fails on.
+on each sample alone, concurrently, each call under the timeout and all of them within ``RETRY_BUDGET`` (2)
+timeouts, to find the samples it fails on.
 ``reward_on_error``: ``raise`` stops with a ``RewardError`` naming the function, the sample (and its dataset
 row) and the exception; ``none`` scores those samples ``None`` (like a function that does not score them) and
 counts them (``rewards/<name>/errors``, ``rewards/<name>/timeouts``). If every sample succeeds alone, their
@@ -39,6 +40,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +54,10 @@ ERROR, TIMEOUT = 1, 2
 its call timed out."""
 ASYNC_GRACE_S = 1.0
 """How long past the timeout a blocked event loop is waited for before it is abandoned."""
+RETRY_BUDGET = 2.0
+"""The calls of one function on each sample alone, after its batch call failed, share ``RETRY_BUDGET *
+reward_timeout_s`` seconds: with more samples than workers a call may queue, and a function that hangs on
+every sample would otherwise hold a rollout for samples / workers timeouts."""
 
 
 @dataclass(frozen=True)
@@ -104,19 +110,20 @@ class RewardRunner:
                 pending[j] = self.submit(fn, kwargs)
         for j in direct:
             pending[j] = self.submit(fn=funcs[j], kwargs=kwargs)
-        return [wait() for wait in pending]
+        return [wait(None) for wait in pending]
 
     def call_each(self, fn, kwargs: dict[str, Any], n: int, *, stop_at_first: bool = False) -> list[Any]:
-        """``fn`` on each of the ``n`` samples alone (concurrently unless it runs as a direct call): per sample
-        its output (a list of one entry) or a ``Failure``. ``stop_at_first``: direct calls stop after the first
-        failure (the rest are ``None``)."""
+        """``fn`` on each of the ``n`` samples alone (concurrently unless it runs as a direct call), all within
+        ``RETRY_BUDGET * reward_timeout_s``: per sample its output (a list of one entry) or a ``Failure``.
+        ``stop_at_first``: direct calls stop after the first failure (the rest are ``None``)."""
         one = lambda i: {k: v[i:i + 1] for k, v in kwargs.items()}
         if self.mode(fn) != "direct":
+            deadline = None if self.timeout_s is None else time.monotonic() + RETRY_BUDGET * self.timeout_s
             waits = [self.submit(fn, one(i)) for i in range(n)]
-            return [wait() for wait in waits]
+            return [wait(deadline) for wait in waits]
         out: list[Any] = [None] * n
         for i in range(n):
-            out[i] = self.submit(fn, one(i))()
+            out[i] = self.submit(fn, one(i))(None)
             if stop_at_first and isinstance(out[i], Failure):
                 break
         return out
@@ -130,31 +137,38 @@ class RewardRunner:
             return "direct"
         return "process" if process_ref(fn) is not None else "thread"
 
-    def submit(self, fn, kwargs: dict[str, Any]) -> Callable[[], Any]:
-        """Start one call of ``fn``; returns a function that waits for its output or ``Failure``."""
+    def submit(self, fn, kwargs: dict[str, Any]) -> Callable[[float | None], Any]:
+        """Start one call of ``fn``; returns ``wait(deadline)``, which gives its output or a ``Failure`` (a
+        timeout when it is not done by ``deadline``, a ``time.monotonic()`` time; ``None``: its own timeout)."""
         mode, timeout = self.mode(fn), self.timeout_s
         if mode == "direct":
             result = _run(fn.func, kwargs)
-            return lambda: result
+            return lambda deadline: result
+        started = time.monotonic()
         if mode == "async":
             loop = self.loop()
             future = asyncio.run_coroutine_threadsafe(_run_async(fn.func, kwargs, timeout), loop)
-            return lambda: self._wait_async(future, loop)
+            return lambda deadline: self._wait_async(future, loop, started, deadline)
         if mode == "thread":
             future: concurrent.futures.Future = concurrent.futures.Future()
             threading.Thread(target=lambda: future.set_result(_run(fn.func, kwargs)), daemon=True,
                              name=f"grpokit-reward-{fn.name}").start()
-            return lambda: _wait_future(future, timeout)
+            return lambda deadline: _wait_thread(future, timeout, started, deadline)
         future = self.pool().schedule(_run, args=(process_ref(fn), kwargs, False), timeout=timeout)
-        return lambda: _wait_pool(future, timeout)
+        return lambda deadline: _wait_pool(future, timeout, deadline)
 
-    def _wait_async(self, future: concurrent.futures.Future, loop) -> Any:
+    def _wait_async(self, future: concurrent.futures.Future, loop, started: float, deadline: float | None) -> Any:
         if self.timeout_s is None:
             return future.result()
+        end = started + self.timeout_s + ASYNC_GRACE_S  # wait_for fires at the timeout unless the loop is stuck
         try:
-            return future.result(timeout=self.timeout_s + ASYNC_GRACE_S)
-        except concurrent.futures.TimeoutError:  # the loop itself is blocked: leave it to its thread
-            if self._loop is loop:
+            return future.result(timeout=max(0.0, (end if deadline is None else min(end, deadline))
+                                             - time.monotonic()))
+        except concurrent.futures.TimeoutError:
+            if deadline is not None and deadline < end:
+                future.cancel()
+                return Failure(TIMEOUT, _BUDGET)
+            if self._loop is loop:  # the loop itself is blocked: leave it to its thread, start another
                 self._loop = None
             return Failure(TIMEOUT, f"timed out after {self.timeout_s:g} s (the coroutine blocked its event loop)")
 
@@ -275,20 +289,28 @@ def _failure(e: BaseException, keep_exception: bool) -> Failure:
     return Failure(ERROR, text, error_type=type(e).__name__, where=where, exception=e if keep_exception else None)
 
 
-def _wait_future(future: concurrent.futures.Future, timeout: float | None) -> Any:
+_BUDGET = f"was not done within the {RETRY_BUDGET:g} x reward_timeout_s its calls on single samples share"
+
+
+def _wait_thread(future: concurrent.futures.Future, timeout: float, started: float, deadline: float | None) -> Any:
+    end = started + timeout
     try:
-        return future.result(timeout=timeout)
+        return future.result(timeout=max(0.0, (end if deadline is None else min(end, deadline)) - time.monotonic()))
     except concurrent.futures.TimeoutError:
         return Failure(TIMEOUT, f"timed out after {timeout:g} s (its thread runs on: reward functions that are "
                                 "not importable cannot be stopped)")
 
 
-def _wait_pool(future, timeout: float | None) -> Any:
-    """A worker's output: errors come back as ``Failure`` values, so an exception here is the pool's own."""
+def _wait_pool(future, timeout: float, deadline: float | None) -> Any:
+    """A worker's output: errors come back as ``Failure`` values, so an exception here is the pool's own. Not
+    done by ``deadline``: cancelled (a running call's worker is stopped)."""
     try:
-        return future.result()
+        return future.result(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
     except concurrent.futures.TimeoutError:
-        return Failure(TIMEOUT, f"timed out after {timeout:g} s")
+        if future.done():  # pebble's own: the call ran past reward_timeout_s
+            return Failure(TIMEOUT, f"timed out after {timeout:g} s")
+        future.cancel()
+        return Failure(TIMEOUT, _BUDGET)
     except Exception as e:  # the worker died (pebble.ProcessExpired), or the arguments did not pickle
         return Failure(ERROR, f"its worker process failed: {e}", error_type=type(e).__name__)
 

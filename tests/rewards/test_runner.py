@@ -140,6 +140,20 @@ def test_a_worker_that_ignores_sigterm_is_killed(runner, tmp_path, monkeypatch):
             os.kill(pid, 0)
 
 
+def hangs_always(prompts, completions, **kwargs):
+    time.sleep(10_000)
+
+
+def test_the_calls_on_single_samples_share_a_budget(runner):
+    """A function that hangs on every sample, one worker, 8 samples: the retries on single samples would queue
+    for 8 timeouts; they share 2 (RETRY_BUDGET), the calls not done by then are cancelled as timeouts."""
+    r = runner(timeout_s=0.5, on_error="none", max_workers=1)
+    start = time.perf_counter()
+    s = score(load_reward_funcs([hangs_always, length]), None, ["p"] * 8, ["a"] * 8, [[1]] * 8, {}, runner=r)
+    assert time.perf_counter() - start < 4.0  # batch 0.5 s + budget 1 s + stopping workers; unbounded: > 4.5 s
+    assert s.failures[:, 0].tolist() == [TIMEOUT] * 8 and s.per_func[:, 1].tolist() == [1.0] * 8
+
+
 def test_a_lambda_runs_in_a_thread_under_the_timeout(runner):
     """A lambda cannot reach a worker process: it runs in a daemon thread, no longer waited for once it is
     late (the thread itself sleeps on)."""
