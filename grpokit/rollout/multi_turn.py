@@ -21,7 +21,8 @@ messages are context, attended to but never scored. An episode whose model calls
 rollout, token for token.
 
 Tool messages enter the transcript through the tokenizer's chat template for chat prompts (the template's
-rendering of ``{"role": "tool", "name": ..., "content": ...}`` after the assistant turn, as TRL computes it);
+rendering of ``{"role": "tool", "name": ..., "content": ...}`` after the assistant turn, as TRL computes it,
+after the end-of-turn token when ``max_turn_length`` cut the turn before the model wrote it);
 for plain-string prompts, with no roles to render, as ``PLAIN_TOOL_MESSAGE`` (a line ``name: content`` per
 call, the model's next turn right after it).
 
@@ -332,6 +333,8 @@ class MultiTurnSampler:
         e.failures += sum(r.failed for r in results)
         tool_messages = [{"role": "tool", "name": r.name, "content": r.content} for r in results]
         env_ids = self.render(tokenizer, tool_messages, e.chat)
+        if e.chat and turn[-1] not in eos and tokenizer.eos_token_id is not None:
+            env_ids = [tokenizer.eos_token_id, *env_ids]  # a turn cut by max_turn_length: the template's end
         if len(e.ids) + len(env_ids) >= budget:  # no room for the result and a model token after it: dropped
             e.truncated = True
             return False

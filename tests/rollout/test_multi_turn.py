@@ -356,6 +356,13 @@ def test_chat_prompts_render_tool_messages_with_the_chat_template():
     assert ep.completions[0][-1] == {"role": "assistant", "content": "c"}  # completion[-1]["content"]: last turn
     assert [m["role"] for m in ep.completions[0]] == ["assistant", "tool", "assistant"]
     assert ep.columns["messages"][0][0] == prompt[0]
+    # a turn cut by max_turn_length: the environment's tokens start with the end-of-turn token it lacks
+    sampler = MultiTurnSampler(tools=[peek], tool_call_parser="compact", max_turn_length=1)
+    ep = sampler.sample(ScriptedEngine(tok, lambda t: "!<|end|>" if "tool" not in t else "c<|end|>"), tok, [prompt],
+                        [{}], params_of(tok), group_size=1)
+    assert ep.rollout.completion_ids[0].tolist() == [tok.convert_tokens_to_ids("!"), end, *suffix,
+                                                     tok.convert_tokens_to_ids("c")]
+    assert ep.rollout.model_mask[0].tolist() == [1] + [0] * (1 + len(suffix)) + [1]
 
     tok.chat_template = "{% for m in messages %}{% if m['role'] != 'tool' %}{{ m['content'] }}<|end|>{% endif %}" \
                         "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}"

@@ -344,3 +344,21 @@ def test_bad_arguments_are_named(tmp_path):
     (tmp_path / "eval.jsonl").write_text('{"prompt": "ab"}\n')
     with pytest.raises(ValueError, match="evaluation .eval_steps. samples single turns"):
         make_trainer(tmp_path, tools=[peek], eval_steps=1, eval_dataset=str(tmp_path / "eval.jsonl"))
+
+
+def test_the_demo_with_a_tool_it_never_calls_is_the_demo(tmp_path):
+    """The demo (chat prompts, char_match) with ``tools=[peek]``: a random model never writes a Hermes call, the
+    demo's chat template shows no tool schema, and the run is the demo's, step for step."""
+    from grpokit.cli.demo import demo_config
+    from grpokit.tasks.demo import letter_task
+
+    runs = []
+    for name, extra in (("plain", {}), ("tools", {"tools": [peek]})):
+        tokenizer = char_tokenizer()
+        config = demo_config(output_dir=str(tmp_path / name), max_steps=4, logging_steps=1000)
+        trainer = GRPOTrainer(tiny_model(tokenizer), "char_match", letter_task(), args=config, tokenizer=tokenizer,
+                              **extra)
+        runs.append((strip(trainer.train()), params(trainer.model)))
+    (h_plain, p_plain), (h_tools, p_tools) = runs
+    assert h_plain == h_tools
+    assert all(torch.equal(p_plain[k], p_tools[k]) for k in p_plain)
