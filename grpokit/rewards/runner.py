@@ -78,7 +78,6 @@ class Failure:
     ``RewardError``, so that ``--debug`` shows its traceback."""
 
 
-
 class RewardRunner:
     """Calls reward functions as ``reward_timeout_s`` and ``reward_on_error`` say (module docstring). Holds a
     worker pool and an event loop, both started on first use; ``close()`` stops them."""
@@ -101,7 +100,7 @@ class RewardRunner:
         if self._pool is None and any(self.mode(fn) == "process" for fn in funcs):
             self.pool(preload=[process_ref(fn).__module__ for fn in funcs if self.mode(fn) == "process"
                                and not isinstance(process_ref(fn), FileFunction)])
-        pending: list[Callable[[], Any] | None] = [None] * len(funcs)
+        pending: list[Callable[[float | None], Any] | None] = [None] * len(funcs)
         direct = []
         for j, fn in enumerate(funcs):  # everything that runs in the background first, then the direct calls
             if self.mode(fn) == "direct":
