@@ -146,7 +146,10 @@ def run_train(config_path: str | None, overrides: dict[str, Any]) -> int:
     trainer = GRPOTrainer(run["model"], run["reward_funcs"], run["dataset"], args=config,
                           ref_model=run.get("ref_model"), tokenizer=run.get("tokenizer"))
     trainer.resume_hint = resume_command(config_path, overrides)  # printed if a signal stops the run
-    history = trainer.train(resume_from_checkpoint=run.get("resume_from_checkpoint"))
+    try:
+        history = trainer.train(resume_from_checkpoint=run.get("resume_from_checkpoint"))
+    finally:
+        trainer.close()  # the rollout engine's memory (vLLM)
     if history and trainer.world.is_main and trainer.stopped_by is None:  # rank 0 speaks for every process
         last = history[-1]
         print(f"grpokit: done, step {last['step']}, reward {last['reward']}; results in {config.output_dir}/")
