@@ -94,14 +94,21 @@ def load_by_name(source: str, name: str | None, split: str):
     import datasets
 
     where = f"dataset {source!r}" + (f" (config {name!r})" if name else "")
+    hint = (" (a dataset folder holds .jsonl, .json, .parquet or .csv files, or was written by save_to_disk)"
+            if Path(source).is_dir() else "")
+    bars = datasets.utils.logging.is_progress_bar_enabled()
+    datasets.utils.logging.disable_progress_bar()  # a failed load would otherwise print bars around the error
     try:
         return datasets.load_dataset(source, name, split=split)
     except ValueError as e:
         if "Unknown split" in str(e):
             raise ValueError(f"{where} has no split {split!r}: {_first_line(e)}") from e
-        raise ValueError(f"cannot load {where}, split {split!r}: {_first_line(e)}") from e
+        raise ValueError(f"cannot load {where}, split {split!r}: {_first_line(e)}{hint}") from e
     except Exception as e:  # datasets' DatasetNotFoundError, a network error, a bad data file
-        raise ValueError(f"cannot load {where}, split {split!r}: {type(e).__name__}: {_first_line(e)}") from e
+        raise ValueError(f"cannot load {where}, split {split!r}: {type(e).__name__}: {_first_line(e)}{hint}") from e
+    finally:
+        if bars:
+            datasets.utils.logging.enable_progress_bar()
 
 
 def _first_line(error: Exception) -> str:

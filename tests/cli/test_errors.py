@@ -104,7 +104,7 @@ CASES = [
     ("dataset-missing", lambda r: ["--dataset", str(r / "nowhere.jsonl")],
      "dataset path '{r}/nowhere.jsonl' does not exist"),
     ("dataset-not-utf8", lambda r: ["--dataset", write(r, "bin.jsonl", b"\xff\xfe{")], "'{r}/bin.jsonl' is not UTF-8"),
-    ("dataset-not-a-dataset-folder", lambda r: ["--dataset", str(r)], "was not written by save_to_disk"),
+    ("dataset-not-a-dataset-folder", lambda r: ["--dataset", str(r)], "or was written by save_to_disk"),
     ("jsonl-bad-line", lambda r: ["--dataset", write(r, "bad.jsonl", '{"prompt": "a"}\n\n{"prompt": "b",\n')],
      "dataset file '{r}/bad.jsonl', line 3: not valid JSON"),
     ("json-bad-line", lambda r: ["--dataset", write(r, "bad.json", '[{"prompt": "a"},\n {"prompt": }]')],
