@@ -101,7 +101,8 @@ def run_grpokit(bf16: bool, cfg: dict, out_dir: str) -> dict:
     wall = time.perf_counter() - start
     steps = [row["step_time"] for row in history]
     lengths = [row["completion_length"] for row in history]
-    return dict(steps=steps, wall=wall, lengths=lengths, params=n_params)
+    flat = [row["frac_zero_std_groups"] for row in history]  # their rows skip the forward + backward
+    return dict(steps=steps, wall=wall, lengths=lengths, params=n_params, trained=1 - sum(flat) / len(flat))
 
 
 def run_trl(default: bool, cfg: dict, out_dir: str) -> dict:
@@ -167,11 +168,12 @@ def run_once(run: str, long: bool) -> dict:
     raise RuntimeError(f"{run} failed:\n{proc.stderr[-3000:]}")
 
 
-def step_flops(params: int, cfg: dict, completion_length: float, trains_per_forward: int = 1) -> float:
+def step_flops(params: int, cfg: dict, completion_length: float, trained: float = 1.0) -> float:
     """Model FLOPs of one optimizer step: sampling (2 per parameter per prompt and completion token) and one
-    forward + backward over the same tokens (6); the prompts are a few tokens, counted as 8."""
+    forward + backward (6) over the share ``trained`` of the rows that were trained (grpokit does not run the
+    rows of flat groups: their gradient is exactly 0); the prompts are a few tokens, counted as 8."""
     tokens = cfg["prompts"] * cfg["generations"] * (8 + completion_length)
-    return 2 * params * tokens + 6 * params * tokens * trains_per_forward
+    return 2 * params * tokens + 6 * params * tokens * trained
 
 
 def main() -> None:
@@ -203,8 +205,8 @@ def main() -> None:
             print(f"#{r + 1} {run}: steps {[round(t, 1) for t in res['steps']]} s, wall {res['wall']:.1f} s, "
                   f"peak RSS {res['peak_rss_mb']:.0f} MB", flush=True)
 
-    lines = ["| run | step time s (median of steps 2+) | train() wall s | peak RSS MB | completion tok/s | MFU |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| run | step time s (median of steps 2+) | train() wall s | peak RSS MB | completion tok/s | "
+             "rows trained | MFU |", "|---|---|---|---|---|---|---|"]
     summary = {}
     for run, rs in results.items():
         step = statistics.median(statistics.median(x["steps"][1:] or x["steps"]) for x in rs)
@@ -214,10 +216,12 @@ def main() -> None:
         tokens = cfg["prompts"] * cfg["generations"] * length
         dtype = "bfloat16" if run in ("grpokit-bf16", "trl-default") else "float32"
         recompute = 2 if run == "trl-default" else 1  # gradient checkpointing: the forward runs twice
-        flops = step_flops(rs[0]["params"], cfg, length) + (recompute - 1) * 2 * rs[0]["params"] * tokens
+        trained = statistics.median(x.get("trained", 1.0) for x in rs)
+        flops = step_flops(rs[0]["params"], cfg, length, trained) + (recompute - 1) * 2 * rs[0]["params"] * tokens
         mfu = flops / step / (peaks[dtype] * 1e9)
         summary[run] = dict(step=step, rss=rss)
-        lines.append(f"| {run} | {step:.1f} | {wall:.1f} | {rss:.0f} | {tokens / step:.1f} | {mfu:.3f} |")
+        lines.append(f"| {run} | {step:.1f} | {wall:.1f} | {rss:.0f} | {tokens / step:.1f} | {trained:.2f} | "
+                     f"{mfu:.3f} |")
     ratios = []
     for ours, theirs in (("grpokit-bf16", "trl-default"), ("grpokit-fp32", "trl-fp32"),
                          ("grpokit-bf16", "grpokit-fp32")):
