@@ -197,8 +197,9 @@ class Stacked:
         if dtype is not None and dtype != self.weight.dtype:
             self.weight = self.weight.to(dtype)
             self.bias = None if self.bias is None else self.bias.to(dtype)
-        cpu_float32 = self.weight.device.type == "cpu" and self.weight.dtype == torch.float32
-        if cpu_float32 and self.weight.numel() >= ONEDNN_MIN_WEIGHT and torch.backends.mkldnn.is_available():
+        # float32, or bfloat16 under mixed precision (oneDNN's bf16 kernels also beat F.linear's on CPU)
+        cpu_onednn_dtype = self.weight.device.type == "cpu" and self.weight.dtype in (torch.float32, torch.bfloat16)
+        if cpu_onednn_dtype and self.weight.numel() >= ONEDNN_MIN_WEIGHT and torch.backends.mkldnn.is_available():
             try:
                 self.onednn = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_size)
             except (AttributeError, RuntimeError):  # a torch build without these oneDNN ops
@@ -213,11 +214,11 @@ class Stacked:
         """The stacked output, not split (a stacked weight only)."""
         if self.onednn is None:
             return F.linear(h.to(self.weight.dtype), self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(h, self.onednn, self.bias, "none", [], "")
+        return torch.ops.mkldnn._linear_pointwise(h.to(self.weight.dtype), self.onednn, self.bias, "none", [], "")
 
     def add(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + self(h)[0]`` for one layer; with oneDNN weights the addition is fused into the matmul."""
-        if self.onednn is None:
+        if self.onednn is None or residual.dtype != self.weight.dtype:  # mixed precision: add in the residual's
             out = self(h)[0] if self.weight is None else self.whole(h)
             return residual + out.to(residual.dtype)
         return torch.ops.mkldnn._linear_pointwise.binary(h, residual, self.onednn, self.bias, "add")
