@@ -1,3 +1,3 @@
-from grpokit.cli import main
+from grpokit.cli import console
 
-raise SystemExit(main())
+console()

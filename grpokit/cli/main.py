@@ -23,9 +23,10 @@ answer without loading torch and transformers (seconds). The layering itself hol
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 RUN_KEYS = ("model", "dataset", "reward_funcs", "ref_model", "tokenizer", "resume_from_checkpoint")
 EXIT_USAGE = 2  # bad input: config, data, model path, reward functions
@@ -77,11 +78,27 @@ def main(argv: list[str] | None = None) -> int:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"grpokit: error: {message}", file=sys.stderr)
         return EXIT_FAILED if isinstance(e, (TrainingError, CheckpointError)) else EXIT_USAGE
-    finally:  # under torchrun: gloo's worker threads must stop while the interpreter is whole, or exit can abort
+    finally:  # under torchrun (see console)
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def console() -> NoReturn:
+    """The ``grpokit`` command and ``python -m grpokit``: ``main()``, then exit with its status.
+
+    Under torchrun, DistributedDataParallel keeps gloo's process group, and its worker threads, alive past
+    ``destroy_process_group``; when such a thread releases a finished collective's tensors while the interpreter
+    is shutting down, it cannot take the GIL and the process aborts (SIGABRT) after all its work is done, and
+    torchrun reports the run as failed. So once ``main()`` has closed every file and tracker, a process that ran
+    under torchrun leaves with ``os._exit``, skipping interpreter teardown."""
+    code = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by torchrun
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 def train_flags(args: argparse.Namespace) -> dict[str, Any]:
