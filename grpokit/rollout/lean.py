@@ -102,7 +102,7 @@ class LlamaFamilyDecoder:
         for i, p in enumerate(self.prepared):
             h = rms_norm(p.input_norm, x, p.fold_input_norm)
             heads, kv = p.heads, p.kv_heads
-            if p.qk_norm is None and p.qkv.weight is not None:  # q, k, v: views of one output; rotary on q, k
+            if p.qk_norm is None and p.qkv.stacked:  # q, k, v: views of one output; rotary on q, k
                 qkv = p.qkv.whole(h).view(B, n, heads + 2 * kv, d).transpose(1, 2)  # (B, h + 2 kv, n, d)
                 qk, v = rotary(qkv[:, :heads + kv], cos, sin), qkv[:, heads + kv:]
             else:  # projections called one by one (LoRA), or Qwen3's per-head norms of q and k before rotary
@@ -171,10 +171,10 @@ for none)."""
 class Stacked:
     """Plain ``nn.Linear`` layers that read the same input, prepared once per rollout as one matmul: weights
     stacked (q/k/v, gate/up), so that a decode step runs one matmul where it would run two or three, and on a
-    CPU in float32 reordered once into oneDNN's blocked layout, which oneDNN multiplies faster than
-    ``F.linear`` multiplies the plain weight when the weight is large enough (``ONEDNN_MIN_WEIGHT``; figures in
-    benchmarks/results/cpu_kernels.md). Other modules (LoRA layers, quantised linears) are called one by one.
-    ``__call__(h)`` -> one output per layer."""
+    CPU in float32 or bfloat16 reordered once into oneDNN's blocked layout (then the only copy kept), which
+    oneDNN multiplies faster than ``F.linear`` multiplies the plain weight when the weight is large enough
+    (``ONEDNN_MIN_WEIGHT``; figures in benchmarks/results/cpu_kernels.md). Other modules (LoRA layers,
+    quantised linears) are called one by one. ``__call__(h)`` -> one output per layer."""
 
     def __init__(self, linears, batch_size: int, in_scale: torch.Tensor | None = None,
                  out_scale: torch.Tensor | None = None, dtype: torch.dtype | None = None):
@@ -182,44 +182,48 @@ class Stacked:
         (a folded norm weight, a folded attention scale); they need a stacked weight (``fused_weight``).
         ``dtype``: the stacked weight is cast to it after scaling (bf16 mixed precision), and inputs with it."""
         self.linears, self.sizes = linears, [m.out_features for m in linears]
-        self.dtype = dtype
-        self.weight = self.bias = self.onednn = None
+        self.weight = self.bias = self.onednn = self.dtype = None
+        self.stacked = False  # one matmul: ``weight`` (or, once reordered, ``onednn``) in ``dtype``
         stacked = fused_weight(linears)
         if stacked is None:
             assert in_scale is None and out_scale is None, "only a stacked weight takes folded scales"
             return
-        self.weight, self.bias = stacked  # new tensors (torch.cat): scaled in place
+        weight, self.bias = stacked  # new tensors (torch.cat): scaled in place
         if in_scale is not None:
-            self.weight.mul_(in_scale)
+            weight.mul_(in_scale)
         if out_scale is not None:
-            self.weight.mul_(out_scale[:, None])
+            weight.mul_(out_scale[:, None])
             self.bias = None if self.bias is None else self.bias.mul_(out_scale)
-        if dtype is not None and dtype != self.weight.dtype:
-            self.weight = self.weight.to(dtype)
+        if dtype is not None and dtype != weight.dtype:
+            weight = weight.to(dtype)
             self.bias = None if self.bias is None else self.bias.to(dtype)
-        # float32, or bfloat16 under mixed precision (oneDNN's bf16 kernels also beat F.linear's on CPU)
-        cpu_onednn_dtype = self.weight.device.type == "cpu" and self.weight.dtype in (torch.float32, torch.bfloat16)
-        if cpu_onednn_dtype and self.weight.numel() >= ONEDNN_MIN_WEIGHT and torch.backends.mkldnn.is_available():
+        self.stacked, self.dtype = True, weight.dtype
+        # float32, or bfloat16 under mixed precision (oneDNN's bf16 kernels also beat F.linear's on CPU); the
+        # reordered weight replaces the plain one, so the sampler holds one copy of each projection
+        cpu_onednn_dtype = weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+        if cpu_onednn_dtype and weight.numel() >= ONEDNN_MIN_WEIGHT and torch.backends.mkldnn.is_available():
             try:
-                self.onednn = torch.ops.mkldnn._reorder_linear_weight(self.weight, batch_size)
+                self.onednn = torch.ops.mkldnn._reorder_linear_weight(weight, batch_size)
             except (AttributeError, RuntimeError):  # a torch build without these oneDNN ops
                 self.onednn = None
+        if self.onednn is None:
+            self.weight = weight
 
     def __call__(self, h: torch.Tensor) -> list[torch.Tensor]:
-        if self.weight is None:  # modules called as they are, in their own dtype
+        if not self.stacked:  # modules called as they are, in their own dtype
             return [m(h) for m in self.linears]
         return list(self.whole(h).split(self.sizes, dim=-1))
 
     def whole(self, h: torch.Tensor) -> torch.Tensor:
         """The stacked output, not split (a stacked weight only)."""
         if self.onednn is None:
-            return F.linear(h.to(self.weight.dtype), self.weight, self.bias)
-        return torch.ops.mkldnn._linear_pointwise(h.to(self.weight.dtype), self.onednn, self.bias, "none", [], "")
+            return F.linear(h.to(self.dtype), self.weight, self.bias)
+        return torch.ops.mkldnn._linear_pointwise(h.to(self.dtype), self.onednn, self.bias, "none", [], "")
 
     def add(self, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """``residual + self(h)[0]`` for one layer; with oneDNN weights the addition is fused into the matmul."""
-        if self.onednn is None or residual.dtype != self.weight.dtype:  # mixed precision: add in the residual's
-            out = self(h)[0] if self.weight is None else self.whole(h)
+        if self.onednn is None or residual.dtype != self.dtype:  # mixed precision: add in the residual's dtype
+            out = self.whole(h) if self.stacked else self(h)[0]
             return residual + out.to(residual.dtype)
         return torch.ops.mkldnn._linear_pointwise.binary(h, residual, self.onednn, self.bias, "add")
 

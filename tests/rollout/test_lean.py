@@ -151,3 +151,26 @@ def test_select_repeats_and_drops_rows_of_the_written_cache(max_new_tokens):
         torch.testing.assert_close(first[index], direct.prefill(prompt_ids[index]), rtol=0, atol=1e-5)
         token = torch.tensor([3, 1, 2, 5, 7])
         torch.testing.assert_close(whole.step(token, 0), direct.step(token, 0), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+def test_onednn_weights_give_the_same_logits_and_are_the_only_copy(compute_dtype):
+    """Projections of at least ``ONEDNN_MIN_WEIGHT`` elements run on oneDNN's reordered weight (float32, or the
+    bfloat16 of mixed precision): the logits still match the Hugging Face forward, and each reordered projection
+    keeps no plain stacked weight beside it (the sampler holds one copy of the weights it prepares)."""
+    if not torch.backends.mkldnn.is_available():
+        pytest.fail("this torch build has no oneDNN: the reordered-weight path cannot be checked")
+    model = tiny("qwen2", vocab_size=300, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                 num_key_value_heads=2, tie_word_embeddings=True)
+    prompt_mask = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    prompt_ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])
+    with torch.inference_mode():
+        decoder = lean.LlamaFamilyDecoder(model, prompt_mask, 2, compute_dtype)
+        got = decoder.prefill(prompt_ids)
+        want = model(input_ids=prompt_ids, attention_mask=prompt_mask,
+                     position_ids=position_ids_from_mask(prompt_mask)).logits[:, -1]
+    prepared = [s for p in decoder.prepared for s in (p.qkv, p.o, p.gate_up, p.down)] + [decoder.head_prepared]
+    assert all(s.onednn is not None and s.weight is None for s in prepared)
+    assert all(s.dtype == (compute_dtype or torch.float32) for s in prepared)
+    scale = want.abs().max().item()
+    torch.testing.assert_close(got.float(), want, rtol=0, atol=1e-5 * scale if compute_dtype is None else 3e-2 * scale)
