@@ -5,9 +5,12 @@ A leaf module: it imports nothing from grpokit, so any module may use it without
 
 from __future__ import annotations
 
+import ctypes
 import difflib
+import functools
 import math
 import random
+import sys
 from collections.abc import Iterable
 from typing import Any
 
@@ -72,3 +75,24 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@functools.cache
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or ``None`` (another C library, another system)."""
+    if sys.platform != "linux":
+        return None
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # musl and other C libraries have none
+        return None
+
+
+def release_freed_memory() -> None:
+    """Hand the pages of freed CPU tensors back to the system. glibc keeps the blocks of freed allocations below
+    its mmap threshold (up to 32 MB: a layer's weights, a micro-batch's activations) for reuse, where they still
+    count in the process's resident memory; the next phase's allocations, of other sizes, then grow the heap
+    beyond them. ``malloc_trim(0)`` returns every free page; elsewhere this does nothing."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

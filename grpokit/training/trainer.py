@@ -86,7 +86,7 @@ from grpokit.training.model_card import (
 from grpokit.training.reference import exact_kl_metrics, make_reference, sync_alpha, sync_reference
 from grpokit.training.run_dir import FINAL_DIR, begin_run, check_output_dir, resume_point
 from grpokit.training.signals import GracefulStop, stop_message
-from grpokit.util import nan_to_none, seed_everything
+from grpokit.util import nan_to_none, release_freed_memory, seed_everything
 
 
 class GRPOTrainer:
@@ -253,10 +253,12 @@ class GRPOTrainer:
                 if self._batch is None:
                     with self.checkpoint_on_reward_error(saved=saved_at == self.step):
                         self._batch, self._rollout_metrics = self.rollout()
+                    release_freed_memory()  # the sampler's prepared weights and cache (grpokit.util)
                 # 5. one optimizer step on mini-batch k of pass k // S
                 k = self.step % steps_per_rollout_cycle
                 mini = self._batch[self.mini_batch_rows(k % args.steps_per_rollout)]
                 step_metrics = self.update(mini)
+                release_freed_memory()  # the step's activations and gradients
                 self.step += 1
                 if self.step % steps_per_rollout_cycle == 0:
                     self._batch = None
