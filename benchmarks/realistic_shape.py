@@ -12,7 +12,8 @@ first (an (896 x 4864) weight times 536 rows, ``torch.matmul``, best of several)
     python benchmarks/realistic_shape.py --long                   # 1 prompt x 4 completions of 1,024 tokens
     python benchmarks/realistic_shape.py --out benchmarks/results/realistic_shape.md
 
-Runs: ``grpokit-fp32`` (float32), ``grpokit-bf16`` (``bf16: true``), ``trl-fp32`` (``bf16=False``),
+Runs: ``grpokit-fp32`` (float32), ``grpokit-bf16`` (``bf16: true``), ``grpokit-bf16-gc`` (and
+``gradient_checkpointing: true``), ``trl-fp32`` (``bf16=False``),
 ``trl-default`` (TRL's defaults: bf16 autocast and gradient checkpointing on). MFU counts 2 FLOPs per
 parameter per token for every forward (sampling and the no-grad log-prob forwards) and 6 for each token of a
 forward + backward; embeddings count once, as the tied LM head.
@@ -34,7 +35,7 @@ from pathlib import Path
 SHAPE = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
              intermediate_size=4864, vocab_size=151_936, tie_word_embeddings=True)
 SMOKE_SHAPE = dict(num_hidden_layers=2, vocab_size=1024)  # --smoke: checks the harness in seconds
-RUNS = ("grpokit-fp32", "grpokit-bf16", "trl-fp32", "trl-default")
+RUNS = ("grpokit-fp32", "grpokit-bf16", "grpokit-bf16-gc", "trl-fp32", "trl-default")
 SEED, LR = 0, 1e-6
 
 
@@ -87,14 +88,15 @@ def matmul_peak(dtype_name: str) -> float:
     return 2 * 536 * 896 * 4864 / best / 1e9
 
 
-def run_grpokit(bf16: bool, cfg: dict, out_dir: str) -> dict:
+def run_grpokit(bf16: bool, checkpointing: bool, cfg: dict, out_dir: str) -> dict:
     from grpokit import GRPOConfig, GRPOTrainer
 
     model, tokenizer, data = build()
     n_params = parameter_count(model)
     args = GRPOConfig(output_dir=out_dir, seed=SEED, max_steps=cfg["steps"], learning_rate=LR,
                       prompts_per_step=cfg["prompts"], num_generations=cfg["generations"],
-                      max_completion_length=cfg["max_len"], beta=0.0, save_steps=0, logging_steps=1, bf16=bf16)
+                      max_completion_length=cfg["max_len"], beta=0.0, save_steps=0, logging_steps=1, bf16=bf16,
+                      gradient_checkpointing=checkpointing)
     trainer = GRPOTrainer(model, "char_match", data, args=args, tokenizer=tokenizer)
     start = time.perf_counter()
     history = trainer.train()
@@ -147,7 +149,7 @@ def worker(run: str, long: bool) -> None:
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with tempfile.TemporaryDirectory() as tmp:
         if run.startswith("grpokit"):
-            result = run_grpokit(run.endswith("bf16"), cfg, tmp)
+            result = run_grpokit("bf16" in run, run.endswith("-gc"), cfg, tmp)
         else:
             result = run_trl(run.endswith("default"), cfg, tmp)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -214,17 +216,18 @@ def main() -> None:
         rss = statistics.median(x["peak_rss_mb"] for x in rs)
         length = statistics.median(statistics.mean(x["lengths"]) for x in rs)
         tokens = cfg["prompts"] * cfg["generations"] * length
-        dtype = "bfloat16" if run in ("grpokit-bf16", "trl-default") else "float32"
-        recompute = 2 if run == "trl-default" else 1  # gradient checkpointing: the forward runs twice
+        dtype = "bfloat16" if "bf16" in run or run == "trl-default" else "float32"
+        recompute = 2 if run in ("trl-default", "grpokit-bf16-gc") else 1  # checkpointing: the forward runs twice
         trained = statistics.median(x.get("trained", 1.0) for x in rs)
-        flops = step_flops(rs[0]["params"], cfg, length, trained) + (recompute - 1) * 2 * rs[0]["params"] * tokens
+        recomputed = (recompute - 1) * 2 * rs[0]["params"] * tokens * trained
+        flops = step_flops(rs[0]["params"], cfg, length, trained) + recomputed
         mfu = flops / step / (peaks[dtype] * 1e9)
         summary[run] = dict(step=step, rss=rss)
         lines.append(f"| {run} | {step:.1f} | {wall:.1f} | {rss:.0f} | {tokens / step:.1f} | {trained:.2f} | "
                      f"{mfu:.3f} |")
     ratios = []
-    for ours, theirs in (("grpokit-bf16", "trl-default"), ("grpokit-fp32", "trl-fp32"),
-                         ("grpokit-bf16", "grpokit-fp32")):
+    for ours, theirs in (("grpokit-bf16", "trl-default"), ("grpokit-bf16-gc", "trl-default"),
+                         ("grpokit-fp32", "trl-fp32"), ("grpokit-bf16", "grpokit-fp32")):
         if ours in summary and theirs in summary:
             ratios.append(f"| {ours} / {theirs} | {summary[ours]['step'] / summary[theirs]['step']:.2f} | "
                           f"{summary[ours]['rss'] / summary[theirs]['rss']:.2f} |")
