@@ -182,8 +182,7 @@ class Stacked:
         (a folded norm weight, a folded attention scale); they need a stacked weight (``fused_weight``).
         ``dtype``: the stacked weight is cast to it after scaling (bf16 mixed precision), and inputs with it."""
         self.linears, self.sizes = linears, [m.out_features for m in linears]
-        self.weight = self.bias = self.onednn = self.dtype = None
-        self.stacked = False  # one matmul: ``weight`` (or, once reordered, ``onednn``) in ``dtype``
+        self.weight = self.bias = self.onednn = self.dtype = None  # ``dtype``: of the stacked weight
         stacked = fused_weight(linears)
         if stacked is None:
             assert in_scale is None and out_scale is None, "only a stacked weight takes folded scales"
@@ -197,7 +196,7 @@ class Stacked:
         if dtype is not None and dtype != weight.dtype:
             weight = weight.to(dtype)
             self.bias = None if self.bias is None else self.bias.to(dtype)
-        self.stacked, self.dtype = True, weight.dtype
+        self.dtype = weight.dtype
         # float32, or bfloat16 under mixed precision (oneDNN's bf16 kernels also beat F.linear's on CPU); the
         # reordered weight replaces the plain one, so the sampler holds one copy of each projection
         cpu_onednn_dtype = weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
@@ -208,6 +207,11 @@ class Stacked:
                 self.onednn = None
         if self.onednn is None:
             self.weight = weight
+
+    @property
+    def stacked(self) -> bool:
+        """One matmul: ``weight`` (or, once reordered, ``onednn``) in ``dtype``."""
+        return self.dtype is not None
 
     def __call__(self, h: torch.Tensor) -> list[torch.Tensor]:
         if not self.stacked:  # modules called as they are, in their own dtype
