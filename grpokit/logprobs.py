@@ -217,7 +217,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         low = None if cdtype == weight.dtype else torch.empty(rows, vocab, dtype=weight.dtype, device=dev)
         scratch = torch.empty(blk, vocab, dtype=cdtype, device=dev) if grad_entropy is not None else None
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=cdtype, device=dev) if need_w else None  # fp32 accumulator
+        grad_w = None  # (V, H) fp32 accumulator: the first chunk's product, then the others added into it
         grad_b = torch.zeros(vocab, dtype=cdtype, device=dev) if need_b else None
         # dlogits = dz / tau is linear in the upstream gradients: fold 1/tau into them
         g_lp = None if grad_logps is None else grad_logps.to(cdtype) / temperature
@@ -247,13 +247,17 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 z.scatter_add_(1, targets[s : s + n, None], g_lp[s : s + n, None])
             if need_b:
                 grad_b += z.sum(0)
-            if need_w:
-                grad_w.addmm_(z.t(), h.to(cdtype))  # (V, n) @ (n, H), accumulated in fp32
+            if need_w and grad_w is None:
+                grad_w = torch.mm(z.t(), h.to(cdtype))  # (V, n) @ (n, H): no zero-filled (V, H) to add it to
+            elif need_w:
+                grad_w.addmm_(z.t(), h.to(cdtype))  # accumulated in fp32
             if need_h:
                 if low is None:
                     torch.mm(z, weight, out=grad_h[s : s + n])
                 else:  # same rounding as autograd through a bf16 nn.Linear: dlogits cast to the head's dtype
                     torch.mm(low[:n].copy_(z), weight, out=grad_h[s : s + n])
+        if need_w and grad_w is None:  # no rows: a dense zero, so that a tied embedding's gradient stays dense
+            grad_w = torch.zeros(weight.shape, dtype=cdtype, device=dev)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:

@@ -53,3 +53,41 @@ def test_release_freed_memory_returns_freed_heap_blocks():
     release_freed_memory()
     assert before - resident_mb() > 100, (before, resident_mb())
     del blocks
+
+
+HUGE_PAGES_PROBE = """
+import os, sys
+import torch
+import grpokit
+block = torch.ones(64 * 2**20 // 4)  # 64 MB, one allocation of torch's CPU allocator
+with open("/proc/self/smaps_rollup") as f:
+    huge = next(int(line.split()[1]) for line in f if line.startswith("AnonHugePages:"))
+print(os.environ.get("THP_MEM_ALLOC_ENABLE"), huge)
+"""
+
+
+def thp_mode() -> str:
+    with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+        return f.read().split("[")[1].split("]")[0]
+
+
+@pytest.mark.skipif(sys.platform != "linux" or not os.path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+                    reason="transparent huge pages: Linux only")
+def test_importing_grpokit_backs_large_tensors_with_huge_pages_unless_told_not_to():
+    """``import grpokit`` (after torch, before any tensor) sets THP_MEM_ALLOC_ENABLE: a 64 MB tensor then sits
+    on 2 MB pages. An explicit 0 in the environment is kept (with the kernel in ``madvise`` mode, that means no
+    huge pages)."""
+    import subprocess
+
+    if thp_mode() == "never":
+        pytest.skip("this kernel has transparent huge pages switched off (/sys/kernel/mm/transparent_hugepage)")
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    out = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE], env=env, capture_output=True, text=True, check=True)
+    setting, huge_kb = out.stdout.split()
+    assert setting == "1" and int(huge_kb) >= 32 * 1024, out.stdout
+    out = subprocess.run([sys.executable, "-c", HUGE_PAGES_PROBE], env={**env, "THP_MEM_ALLOC_ENABLE": "0"},
+                         capture_output=True, text=True, check=True)
+    setting, huge_kb = out.stdout.split()
+    assert setting == "0", out.stdout
+    if thp_mode() == "madvise":
+        assert int(huge_kb) == 0, out.stdout

@@ -101,7 +101,7 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
     layout = Layout.of(prompt_ids, prompt_mask, completion_mask)
     L = P + completion_ids.size(1)
     ids = torch.cat([prompt_ids, completion_ids], 1).view(-1)[layout.owned]  # (T,)
-    x = body.embed_tokens(ids)  # (T, H)
+    x = embed(body.embed_tokens, ids, hf.get_output_embeddings())  # (T, H)
     cos, sin = body.rotary_emb(x[None], layout.positions[None])  # (1, T, d) each
     cos, sin = cos[0, :, None], llama.signed_sin(sin[0, :, None])  # (T, 1, d): broadcast over heads
     num_heads, num_kv = config.num_attention_heads, config.num_key_value_heads
@@ -127,6 +127,19 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
     # the state at column P - 1 + t predicts completion token t (a prompt column: the leader's token)
     predictors = layout.source.view(N, L)[:, P - 1:L - 1][completion_mask.bool()]  # (M,)
     return x.index_select(0, predictors)
+
+
+def embed(embedding: torch.nn.Module, ids: torch.Tensor, head: torch.nn.Module | None) -> torch.Tensor:
+    """``embedding(ids)``. When the table is tied to the LM head (which gives it a dense gradient), the lookup's
+    own gradient is sparse: its T rows are added into the head's gradient instead of a dense (V, H) table of
+    zeros being filled, scattered into and then added whole."""
+    weight = getattr(embedding, "weight", None)
+    tied = (type(embedding) is torch.nn.Embedding and weight is getattr(head, "weight", None)
+            and weight.requires_grad and embedding.max_norm is None)
+    if not tied:
+        return embedding(ids)
+    return torch.nn.functional.embedding(ids, weight, embedding.padding_idx,
+                                         scale_grad_by_freq=embedding.scale_grad_by_freq, sparse=True)
 
 
 def project(h: torch.Tensor, linears) -> list[torch.Tensor]:

@@ -41,6 +41,8 @@ def values_and_grads(model, fn, mask):
     logps, entropy = fn()
     ((logps * mask).sum() + 0.3 * (entropy * mask).sum()).backward()  # entropy's gradient checked too
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    # a tied table's lookup adds a sparse gradient to the head's dense one: what AdamW sees is dense
+    assert all(g.layout == torch.strided for g in grads.values())
     return logps * mask, entropy * mask, grads
 
 
