@@ -53,6 +53,7 @@ def token_logprobs(
     bias: torch.Tensor | None = None,
     chunk_size: int | None = None,
     return_entropy: bool = False,
+    compute_dtype: torch.dtype | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities (and entropies) of ``softmax((hidden @ weight.T + bias) / temperature)``, chunked.
 
@@ -67,6 +68,10 @@ def token_logprobs(
         bias: (V,) LM-head bias or ``None``.
         chunk_size: rows of B*T processed at once; ``None``: ``default_chunk_size(V)`` (~256 MiB of fp32).
         return_entropy: also return the entropy of each row's distribution.
+        compute_dtype: the dtype of ``hidden`` and of the head's matmuls when narrower than the weight's (bf16
+            mixed precision: a float32 master weight, cast here). Value and gradients equal those of
+            ``weight.to(compute_dtype)`` passed in (the weight's gradient rounded to it), without a full-size
+            gradient in that dtype and its float32 copy beside the float32 one.
 
     Returns:
         logps (B, T), or ``(logps, entropy)`` with entropy (B, T); fp32 (fp64 for fp64 inputs) whatever the
@@ -76,21 +81,25 @@ def token_logprobs(
         raise ValueError(f"hidden {tuple(hidden.shape)} must be targets {tuple(targets.shape)} + (H,)")
     if weight.dim() != 2 or weight.size(1) != hidden.size(-1):
         raise ValueError(f"weight must be (V, H={hidden.size(-1)}), got {tuple(weight.shape)}")
-    if hidden.dtype != weight.dtype or (bias is not None and bias.dtype != weight.dtype):
-        raise ValueError(f"hidden, weight and bias must share a dtype, got {hidden.dtype}, {weight.dtype}"
-                         + ("" if bias is None else f", {bias.dtype}"))
+    if bias is not None and bias.dtype != weight.dtype:
+        raise ValueError(f"weight and bias must share a dtype, got {weight.dtype}, {bias.dtype}")
+    compute = compute_dtype or weight.dtype
+    if hidden.dtype != compute:
+        raise ValueError(f"hidden must be in the compute dtype {compute}, got {hidden.dtype}"
+                         + ("" if compute_dtype else " (the weight's; or pass compute_dtype)"))
     if bias is not None and bias.shape != (weight.size(0),):
         raise ValueError(f"bias must be ({weight.size(0)},), got {tuple(bias.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if chunk_size is None:
-        chunk_size = default_chunk_size(weight.size(0), _compute_dtype(weight.dtype))
+        chunk_size = default_chunk_size(weight.size(0), _compute_dtype(compute))
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
     h2 = hidden.reshape(-1, hidden.size(-1))  # (N, H), a view when hidden is contiguous
     t1 = targets.reshape(-1).long()  # (N,)
-    out = _ChunkedLogprobs.apply(h2, weight, bias, t1, float(temperature), int(chunk_size), return_entropy)
+    out = _ChunkedLogprobs.apply(h2, weight, bias, t1, float(temperature), int(chunk_size), return_entropy,
+                                 compute)
     if return_entropy:
         return out[0].view(targets.shape), out[1].view(targets.shape)
     return out.view(targets.shape)
@@ -145,6 +154,7 @@ def _chunk_logits(h, weight, bias, out, low_buf):
 # smaller: every pass over a block is one thread-pool sync on CPU (one launch on GPU), and cache-sized blocks
 # (a few MiB), though faster on an idle CPU, were several times slower once another process held a core.
 _BLOCK_BYTES = 64 * 2**20
+_ROUND_BLOCK_ROWS = 8192  # rows of a head gradient rounded at a time (``_rounded``)
 
 
 def _block_rows(vocab: int, dtype: torch.dtype) -> int:
@@ -160,8 +170,12 @@ class _ChunkedLogprobs(torch.autograd.Function):
     bf16/fp16 inputs, and in backward the (V, H) compute-dtype weight-gradient accumulator."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, return_entropy):
-        # hidden (N, H), weight (V, H), bias (V,) | None, targets (N,) int64
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, return_entropy, compute):
+        # hidden (N, H), weight (V, H), bias (V,) | None, targets (N,) int64; compute: hidden's dtype, the
+        # matmuls' (the weight and bias are cast to it here when they are wider)
+        ctx.master_dtype = weight.dtype
+        if compute != weight.dtype:
+            weight, bias = weight.to(compute), None if bias is None else bias.to(compute)
         n_rows, vocab = hidden.size(0), weight.size(0)
         cdtype, dev = _compute_dtype(weight.dtype), hidden.device
         rows = min(chunk_size, max(n_rows, 1))
@@ -207,7 +221,7 @@ class _ChunkedLogprobs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         if (grad_logps is None and grad_entropy is None) or not (need_h or need_w or need_b):
-            return None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None
 
         n_rows, vocab = hidden.size(0), weight.size(0)
         cdtype, dev = lse.dtype, hidden.device
@@ -259,10 +273,24 @@ class _ChunkedLogprobs(torch.autograd.Function):
         if need_w and grad_w is None:  # no rows: a dense zero, so that a tied embedding's gradient stays dense
             grad_w = torch.zeros(weight.shape, dtype=cdtype, device=dev)
         if grad_w is not None:
-            grad_w = grad_w.to(weight.dtype)
+            grad_w = _rounded(grad_w, weight.dtype, ctx.master_dtype)
         if grad_b is not None:
-            grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
+            grad_b = _rounded(grad_b, bias.dtype, ctx.master_dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+def _rounded(grad: torch.Tensor, compute: torch.dtype, master: torch.dtype) -> torch.Tensor:
+    """A gradient accumulated in ``grad``'s dtype, rounded to ``compute`` (as an autograd matmul in that dtype
+    rounds it), returned in ``master``. Rounded in place block by block when ``grad`` already is ``master``:
+    the values of ``grad.to(compute).to(master)`` with no full-size copy."""
+    if compute == grad.dtype:
+        return grad.to(master)
+    if master != grad.dtype:
+        return grad.to(compute).to(master)
+    for r in range(0, grad.size(0), _ROUND_BLOCK_ROWS):
+        block = grad[r:r + _ROUND_BLOCK_ROWS]
+        block.copy_(block.to(compute))
+    return grad
 
 
 # ----------------------------------------------------------------------------------------------------------

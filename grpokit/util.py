@@ -78,14 +78,30 @@ def seed_everything(seed: int) -> None:
 
 
 @functools.cache
-def _malloc_trim():
-    """glibc's ``malloc_trim``, or ``None`` (another C library, another system)."""
+def _glibc(name: str):
+    """The glibc function ``name`` (``malloc_trim``, ``mallopt``), or ``None`` (another C library or system)."""
     if sys.platform != "linux":
         return None
     try:
-        return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):  # musl and other C libraries have none
+        return getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):  # musl and other C libraries have neither
         return None
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
+LARGE_BLOCK_BYTES = 1 << 20
+
+
+@functools.cache
+def return_large_blocks_at_once() -> bool:
+    """Make glibc map every allocation of ``LARGE_BLOCK_BYTES`` or more on its own and unmap it when freed, for
+    the rest of the process; ``True`` if it took. By default glibc raises this threshold to the largest block
+    freed so far (up to 32 MB), after which a layer's weights, activations and gradients come from the heap and,
+    freed, stay resident until ``release_freed_memory``: within one phase (a backward) they then add up beside
+    the next phase's blocks. Large blocks cost a page mapping each either way; with 2 MB pages
+    (``THP_MEM_ALLOC_ENABLE``, set by ``import grpokit``) few faults."""
+    mallopt = _glibc("mallopt")
+    return mallopt is not None and mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES) == 1
 
 
 def release_freed_memory() -> None:
@@ -93,6 +109,6 @@ def release_freed_memory() -> None:
     its mmap threshold (up to 32 MB: a layer's weights, a micro-batch's activations) for reuse, where they still
     count in the process's resident memory; the next phase's allocations, of other sizes, then grow the heap
     beyond them. ``malloc_trim(0)`` returns every free page; elsewhere this does nothing."""
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim")
     if trim is not None:
         trim(0)

@@ -194,12 +194,49 @@ def test_default_chunk_size_bounds_the_chunk():
     assert default_chunk_size(10**9) == 1
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_float32_master_head_in_bf16_equals_passing_its_bf16_cast(monkeypatch, bias):
+    """``compute_dtype=bfloat16`` with the float32 weight: the same log-probs, entropies and gradients, to the
+    bit, as the differentiable ``weight.to(bfloat16)`` passed in (whose gradient autograd casts back), with the
+    head gradient rounded in several blocks."""
+    import grpokit.logprobs as lp
+
+    monkeypatch.setattr(lp, "_ROUND_BLOCK_ROWS", 4)
+    torch.manual_seed(0)
+    N, H, V = 6, 8, 11
+    weight = torch.randn(V, H, requires_grad=True)
+    b = torch.randn(V, requires_grad=True) if bias else None
+    hidden = torch.randn(N, H).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, V, (N,))
+
+    def run(cast: bool):
+        for t in (weight, b, hidden):
+            if t is not None:
+                t.grad = None
+        if cast:
+            out = token_logprobs(hidden, weight.to(torch.bfloat16), targets, temperature=0.7, chunk_size=4,
+                                 bias=None if b is None else b.to(torch.bfloat16), return_entropy=True)
+        else:
+            out = token_logprobs(hidden, weight, targets, temperature=0.7, chunk_size=4, bias=b,
+                                 return_entropy=True, compute_dtype=torch.bfloat16)
+        (out[0].sum() + 0.3 * out[1].sum()).backward()
+        grads = [t.grad.clone() for t in (weight, b, hidden) if t is not None]
+        return [o.detach() for o in out], grads
+
+    (want_out, want_grads), (got_out, got_grads) = run(cast=True), run(cast=False)
+    assert got_grads[0].dtype == torch.float32 and got_out[0].dtype == torch.float32
+    for got, want in zip(got_out + got_grads, want_out + want_grads):
+        assert torch.equal(got, want)
+
+
 def test_rejects_bad_inputs():
     hidden, weight, bias, targets, _, _ = _problem(2, 3, 5, 9, bias=True)
     with pytest.raises(ValueError, match="targets"):
         token_logprobs(hidden, weight, targets[:, :2])
     with pytest.raises(ValueError, match="dtype"):
         token_logprobs(hidden.float(), weight, targets)
+    with pytest.raises(ValueError, match="hidden must be in the compute dtype torch.bfloat16, got torch.float64"):
+        token_logprobs(hidden, weight, targets, compute_dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="temperature"):
         token_logprobs(hidden, weight, targets, temperature=0.0)
     with pytest.raises(ValueError, match="chunk_size"):

@@ -1,7 +1,7 @@
 """The training forward: log-probs (and entropy) of each completion token under the policy.
 
 Under ``torch.autocast`` (bf16 mixed precision: ``GRPOConfig.bf16``) the body's matmuls run in bfloat16 as
-autocast decides, and the LM head's chunks take the head weight in the autocast dtype too (``head_in``); the
+autocast decides, and the LM head's chunks multiply in the autocast dtype too (``head_in``); the
 log-sum-exp, the log-probs, the entropy and everything after them are float32.
 """
 
@@ -43,19 +43,18 @@ def completion_logps(
     hidden = hidden_states(model, input_ids, attention_mask,
                            position_ids=position_ids_from_mask(attention_mask))  # (N, P + C, H)
     hidden = hidden[:, P - 1:-1]  # (N, C, H): the state at t - 1 predicts completion token t
-    hidden, weight, bias = head_in(hidden, *lm_head_of(model))
-    return token_logprobs(hidden, weight, completion_ids, temperature=temperature, bias=bias,
+    return token_logprobs(**head_in(hidden, *lm_head_of(model)), targets=completion_ids, temperature=temperature,
                           chunk_size=chunk_size, return_entropy=return_entropy)
 
 
-def head_in(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """``(hidden, weight, bias)`` in one dtype for ``token_logprobs``: under autocast, its dtype (the cast of
-    the float32 master weight is differentiable, so its gradient reaches the master in float32); otherwise
-    the weight's."""
+def head_in(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> dict:
+    """``token_logprobs``' arguments for the head: under autocast, ``hidden`` cast to its dtype and that dtype
+    as ``compute_dtype`` (the float32 master weight is cast inside, and its gradient returned in float32);
+    otherwise all in the weight's dtype."""
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-    cast = (lambda t: t if t is None or t.dtype == dtype else t.to(dtype))
-    return cast(hidden), cast(weight), cast(bias)
+    hidden = hidden if hidden.dtype == dtype else hidden.to(dtype)
+    return dict(hidden=hidden, weight=weight, bias=bias, compute_dtype=dtype)
 
 
 def packed_completion_logps(model, prompt_ids, prompt_mask, completion_ids, completion_mask, *, temperature=1.0,
@@ -64,9 +63,8 @@ def packed_completion_logps(model, prompt_ids, prompt_mask, completion_ids, comp
     padded slots (after each EOS) get 0, a value no loss reads (every loss masks them)."""
     where = completion_mask.bool()  # (N, C)
     hidden = packed.completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask)  # (M, H)
-    hidden, weight, bias = head_in(hidden, *lm_head_of(packed.base_model(model)))
-    out = token_logprobs(hidden, weight, completion_ids[where], temperature=temperature, bias=bias,
-                         chunk_size=chunk_size, return_entropy=return_entropy)
+    out = token_logprobs(**head_in(hidden, *lm_head_of(packed.base_model(model))), targets=completion_ids[where],
+                         temperature=temperature, chunk_size=chunk_size, return_entropy=return_entropy)
     out = out if return_entropy else (out,)
     spread = tuple(values.new_zeros(where.shape).masked_scatter(where, values) for values in out)  # (N, C)
     return spread if return_entropy else spread[0]

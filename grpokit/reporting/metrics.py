@@ -27,6 +27,9 @@ Keys of a ``metrics.jsonl`` row (rollout statistics repeat on every step their r
     ratio_mean            mean pi_theta / pi_old over the loss tokens (exactly 1 on a rollout's first step)
     learning_rate         the LR this step used; grad_norm the global norm before clipping
     step_time, tokens_per_s  wall time of the step (its rollout included) and completion tokens / step_time
+    time/rollout_s, time/forward_backward_s, time/optimizer_s  where step_time went: the rollout (sampling,
+                          rewards, rollout-time log-probs; 0 on a step that reuses its rollout), the training
+                          forward and backward of the mini-batch, and clipping plus the AdamW step
     eval/reward, eval/rewards/<name>, eval/pass@k, eval/completion_length  on evaluation steps (eval_steps): the
                           policy's mean reward, each function's mean, pass@1, 2, 4... up to num_generations_eval
                           and the mean length on the eval prompts (grpokit.training.evaluate); step 0 (before
@@ -45,6 +48,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+TIMING_KEYS = frozenset({"step_time", "tokens_per_s", "time/rollout_s", "time/forward_backward_s", "time/optimizer_s"})
+"""Row keys that are wall-clock measurements: the only ones a rerun of the same steps changes."""
 PLOTTED = ("reward", "kl", "entropy", "completion_length", "clip_ratio")  # panels of plot_runs, in order
 
 

@@ -28,11 +28,11 @@ from grpokit.models.llama import (
     attention_mask,
     distinct_rows,
     foldable,
-    fused_weight,
     is_gated_mlp,
     rms_norm,
     rotary,
     signed_sin,
+    stackable,
     supports,
     unsupported_reason,
 )
@@ -179,23 +179,14 @@ class Stacked:
     def __init__(self, linears, batch_size: int, in_scale: torch.Tensor | None = None,
                  out_scale: torch.Tensor | None = None, dtype: torch.dtype | None = None):
         """``in_scale`` (in,) multiplies the stacked weight's columns, ``out_scale`` (out,) its rows and bias
-        (a folded norm weight, a folded attention scale); they need a stacked weight (``fused_weight``).
+        (a folded norm weight, a folded attention scale); they need a stacked weight (``stackable``).
         ``dtype``: the stacked weight is cast to it after scaling (bf16 mixed precision), and inputs with it."""
         self.linears, self.sizes = linears, [m.out_features for m in linears]
         self.weight = self.bias = self.onednn = self.dtype = None  # ``dtype``: of the stacked weight
-        stacked = fused_weight(linears)
-        if stacked is None:
+        if not stackable(linears):
             assert in_scale is None and out_scale is None, "only a stacked weight takes folded scales"
             return
-        weight, self.bias = stacked  # new tensors (torch.cat): scaled in place
-        if in_scale is not None:
-            weight.mul_(in_scale)
-        if out_scale is not None:
-            weight.mul_(out_scale[:, None])
-            self.bias = None if self.bias is None else self.bias.mul_(out_scale)
-        if dtype is not None and dtype != weight.dtype:
-            weight = weight.to(dtype)
-            self.bias = None if self.bias is None else self.bias.to(dtype)
+        weight, self.bias = stacked_weight(linears, in_scale, out_scale, dtype)
         self.dtype = weight.dtype
         # float32, or bfloat16 under mixed precision (oneDNN's bf16 kernels also beat F.linear's on CPU); the
         # reordered weight replaces the plain one, so the sampler holds one copy of each projection
@@ -230,6 +221,36 @@ class Stacked:
             out = self.whole(h) if self.stacked else self(h)[0]
             return residual + out.to(residual.dtype)
         return torch.ops.mkldnn._linear_pointwise.binary(h, residual, self.onednn, self.bias, "add")
+
+
+STACK_BLOCK_ROWS = 4096
+"""``stacked_weight`` scales and casts this many rows at a time."""
+
+
+def stacked_weight(linears, in_scale: torch.Tensor | None, out_scale: torch.Tensor | None,
+                   dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(weight, bias)`` of ``linears`` stacked (``stackable``), the weight's columns times ``in_scale`` and its
+    rows (and the bias) times ``out_scale``, in the weights' dtype, then cast to ``dtype``. Written block by
+    block into the result: a bf16 copy of a large projection (the LM head) passes through no full-size float32
+    one. The same values as scaling a float32 ``torch.cat`` in place and casting it."""
+    source = linears[0].weight
+    dtype = dtype or source.dtype
+    weight = torch.empty(sum(m.out_features for m in linears), source.size(1), dtype=dtype, device=source.device)
+    start = 0
+    for m in linears:
+        for r in range(0, m.out_features, STACK_BLOCK_ROWS):
+            block = m.weight[r:r + STACK_BLOCK_ROWS]
+            rows = slice(start + r, start + r + block.size(0))
+            if in_scale is not None or out_scale is not None:
+                block = block.mul(in_scale) if in_scale is not None else block.clone()
+                if out_scale is not None:
+                    block.mul_(out_scale[rows, None])
+            weight[rows].copy_(block)  # round to nearest, as .to(dtype)
+        start += m.out_features
+    bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+    if bias is not None and out_scale is not None:
+        bias.mul_(out_scale)
+    return weight, None if bias is None else bias.to(dtype)
 
 
 class PreparedLayer:

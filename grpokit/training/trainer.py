@@ -86,7 +86,7 @@ from grpokit.training.model_card import (
 from grpokit.training.reference import exact_kl_metrics, make_reference, sync_alpha, sync_reference
 from grpokit.training.run_dir import FINAL_DIR, begin_run, check_output_dir, resume_point
 from grpokit.training.signals import GracefulStop, stop_message
-from grpokit.util import nan_to_none, release_freed_memory, seed_everything
+from grpokit.util import nan_to_none, release_freed_memory, return_large_blocks_at_once, seed_everything
 
 
 class GRPOTrainer:
@@ -159,6 +159,7 @@ class GRPOTrainer:
             self.reward_model_updates = RewardModelUpdates(
                 learners, every=args.reward_model_update_steps, replay_fraction=args.reward_model_replay_fraction,
                 buffer_size=args.reward_model_buffer_size, seed=args.seed)
+        return_large_blocks_at_once()  # glibc: a freed gradient or activation leaves resident memory (grpokit.util)
         self.model, self.tokenizer = load_policy(model, tokenizer, self.dtype, device=args.device)
         self.model = prepare_model(self.model, args)  # gradient checkpointing, LoRA adapters (args.peft)
         self.loss_config = args.loss_config()
@@ -250,10 +251,12 @@ class GRPOTrainer:
             while self.step < args.max_steps:
                 start = time.perf_counter()
                 # 1-4. a fresh rollout when the previous one has fed its mu * S optimizer steps
+                rollout_s = 0.0
                 if self._batch is None:
                     with self.checkpoint_on_reward_error(saved=saved_at == self.step):
                         self._batch, self._rollout_metrics = self.rollout()
                     release_freed_memory()  # the sampler's prepared weights and cache (grpokit.util)
+                    rollout_s = time.perf_counter() - start
                 # 5. one optimizer step on mini-batch k of pass k // S
                 k = self.step % steps_per_rollout_cycle
                 mini = self._batch[self.mini_batch_rows(k % args.steps_per_rollout)]
@@ -267,7 +270,7 @@ class GRPOTrainer:
                 elapsed = time.perf_counter() - start
                 num_tokens = step_metrics.pop("num_tokens")
                 row = {"step": self.step, **self._rollout_metrics, **step_metrics, "step_time": elapsed,
-                       "tokens_per_s": num_tokens / elapsed}
+                       "tokens_per_s": num_tokens / elapsed, "time/rollout_s": rollout_s}
                 if self.evaluation is not None and self.evaluation.due(self.step):
                     row.update(self.evaluate())
                 if self.step == first_step:  # metric_for_best_model names a metric (eval/* once evaluated)
@@ -525,6 +528,7 @@ class GRPOTrainer:
         count (bnpo, dapo, cispo), so their summed gradients equal the one-big-batch gradient."""
         # sequences and tokens of the global mini-batch (all processes'; one process: this one): the loss of
         # every process is a share of one global loss, and the batch of dapo/cispo is the optimizer step's
+        start = time.perf_counter()
         totals = global_totals(self.world, mini.loss_mask)
         num_items = totals.num_tokens
         exact = {}
@@ -569,6 +573,7 @@ class GRPOTrainer:
             for name in ("kl", "clip_ratio", "clip_ratio_low", "clip_ratio_high", "ratio_mean"):
                 sums[name] += out.metrics.get(name, 0.0) * share
         sums = self.world.sum_floats(sums)  # under torchrun: the global loss and token-weighted means
+        forward_backward_s = time.perf_counter() - start
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
@@ -583,8 +588,10 @@ class GRPOTrainer:
         if self.loss_config.beta == 0:  # no KL in the loss (beta = 0, or kl_in_reward: the rollout logs it)
             del sums["kl"]
         mismatch = self.mismatch(gap) if on_policy else {}
+        timing = {"time/forward_backward_s": forward_backward_s,
+                  "time/optimizer_s": time.perf_counter() - start - forward_backward_s}
         return {**sums, **exact, **mismatch, "learning_rate": learning_rate, "grad_norm": float(grad_norm),
-                "num_tokens": int(self.world.all_reduce_sum(mini.completion_mask.sum()))}
+                **timing, "num_tokens": int(self.world.all_reduce_sum(mini.completion_mask.sum()))}
 
     def micro_batches(self, mini: Batch) -> list[tuple[Batch, bool]]:
         """The micro-batches of ``mini``, each with whether it is backpropagated: with ``skip_zero_advantage``

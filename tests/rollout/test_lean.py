@@ -174,3 +174,24 @@ def test_onednn_weights_give_the_same_logits_and_are_the_only_copy(compute_dtype
     assert all(s.dtype == (compute_dtype or torch.float32) for s in prepared)
     scale = want.abs().max().item()
     torch.testing.assert_close(got.float(), want, rtol=0, atol=1e-5 * scale if compute_dtype is None else 3e-2 * scale)
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_stacked_weight_block_by_block_equals_scaling_a_stacked_copy(monkeypatch, dtype):
+    """Rows scaled and cast a block at a time (blocks that straddle nothing, and a short last one) give the
+    bits of the whole stacked float32 copy scaled in place and cast."""
+    from grpokit.rollout import lean
+
+    monkeypatch.setattr(lean, "STACK_BLOCK_ROWS", 7)
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(12, n, bias=True) for n in (16, 5, 9)]
+    in_scale, out_scale = torch.rand(12) + 0.5, torch.rand(30) + 0.5
+    want = torch.cat([m.weight for m in linears]).detach().mul_(in_scale).mul_(out_scale[:, None])
+    want_bias = torch.cat([m.bias for m in linears]).detach().mul_(out_scale)
+    with torch.no_grad():
+        weight, bias = lean.stacked_weight(linears, in_scale, out_scale, dtype)
+        plain, _ = lean.stacked_weight(linears, None, None, dtype)
+    target = dtype or torch.float32
+    assert weight.dtype == bias.dtype == target
+    assert torch.equal(weight, want.to(target)) and torch.equal(bias, want_bias.to(target))
+    assert torch.equal(plain, torch.cat([m.weight for m in linears]).detach().to(target))

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from grpokit import GRPOConfig
+from grpokit.reporting.metrics import TIMING_KEYS
 from grpokit.training.distributed import (
     World,
     check_batch_shape,
@@ -190,7 +191,7 @@ def test_resume_under_torchrun_is_exact(two_processes, mode):
     straight = torch.load(two_processes / f"straight-{mode}.pt", weights_only=False)
     resumed = torch.load(two_processes / f"resumed-{mode}.pt", weights_only=False)
     assert all(torch.equal(straight["params"][k], v) for k, v in resumed["params"].items())
-    timing = ("step_time", "tokens_per_s")
+    timing = TIMING_KEYS
     clean = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
     assert clean(resumed["history"])[-2:] == clean(straight["history"])[1:]  # steps 2, 3
     checkpoint = two_processes / f"run-straight-{mode}" / "checkpoint-1"

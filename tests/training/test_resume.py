@@ -17,13 +17,13 @@ from safetensors.torch import load_file
 
 from grpokit import GRPOConfig
 from grpokit.cli import main
-from grpokit.reporting.metrics import read_metrics
+from grpokit.reporting.metrics import TIMING_KEYS, read_metrics
 from grpokit.tasks.demo import char_tokenizer, tiny_model
 from grpokit.training.checkpoint import STATE_FILE, delete_checkpoint, list_checkpoints, remove_partial_checkpoints
 from grpokit.training.run_dir import OutputDirError
 from grpokit.training.trainer import GRPOTrainer, quiet_transformers
 
-TIMING = {"step_time", "tokens_per_s"}
+TIMING = TIMING_KEYS
 MAX_STEPS = 20
 PAIRS = [("ab", "aaaa"), ("c", "cccc"), ("dd", "dddd"), ("abc", "bbbb"), ("ba", "aaaa"), ("d", "dddd")]
 

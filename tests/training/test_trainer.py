@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from grpokit import GRPOConfig
+from grpokit.reporting.metrics import TIMING_KEYS
 from grpokit.tasks.demo import char_tokenizer, tiny_model
 from grpokit.training.checkpoint import list_checkpoints
 from grpokit.training.trainer import GRPOTrainer, make_scheduler
@@ -253,7 +254,7 @@ def test_resume_is_bit_identical(tmp_path, config):
 
     for k, v in params(full.model).items():
         assert torch.equal(params(resumed.model)[k], v), k
-    timing = {"step_time", "tokens_per_s"}
+    timing = TIMING_KEYS
     strip = lambda rows: [{k: v for k, v in r.items() if k not in timing} for r in rows]
     assert strip(resumed_history) == strip(full_history)
     rows = [json.loads(line) for line in (part_dir / "metrics.jsonl").read_text().splitlines()]
@@ -320,7 +321,7 @@ def test_processing_class_is_an_alias_of_tokenizer(tmp_path):
     assert trainer.tokenizer is tokenizer
 
 
-ROW_KEYS = {"step", "step_time", "tokens_per_s", "loss", "entropy", "clip_ratio", "clip_ratio_low", "clip_ratio_high",
+ROW_KEYS = {*TIMING_KEYS, "step", "loss", "entropy", "clip_ratio", "clip_ratio_low", "clip_ratio_high",
             "ratio_mean", "learning_rate", "grad_norm", "reward", "reward_std", "rewards/count_a",
             "rewards/count_a/errors", "rewards/count_a/timeouts", "completion_length",
             "completion_length_max", "truncated_ratio", "frac_zero_std_groups", "rollout/weight_sync_s",
