@@ -239,9 +239,11 @@ rows of benchmarks/results/cpu_kernels.md, from benchmarks/cpu_kernels.py). GPUs
 
 def attention_mask(mask: torch.Tensor, dtype: torch.dtype, keys: int) -> torch.Tensor:
     """The mask ``attention`` wants: boolean for the fused kernel, an additive 0 / -inf float mask for the plain
-    ops (built once per forward and shared by every layer)."""
-    if mask.device.type != "cpu" or keys > SHORT_ATTENTION or dtype not in (torch.float32, torch.float64):
-        return mask  # bf16 / fp16: the fused kernel accumulates the softmax in float32, plain ops would not
+    ops (built once per forward and shared by every layer), in float64 for float64 and float32 otherwise: the
+    plain ops then compute the scores and softmax of bf16 / fp16 inputs in float32, as the fused kernel does."""
+    if mask.device.type != "cpu" or keys > SHORT_ATTENTION:
+        return mask
+    dtype = torch.float64 if dtype == torch.float64 else torch.float32
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
 
 
@@ -250,8 +252,15 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     ``mask`` from ``attention_mask``. Every query must see at least one key."""
     if mask.dtype == torch.bool:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.size(1) != k.size(1))
-    if k.size(1) != q.size(1):
-        k, v = (t.repeat_interleave(q.size(1) // t.size(1), dim=1) for t in (k, v))
-    scores = torch.matmul(q, k.transpose(-1, -2))  # (B, h, n, L)
-    scores = (scores if scale == 1.0 else scores.mul_(scale)).add_(mask)  # 1.0: folded into q (PreparedLayer)
-    return torch.matmul(scores.softmax(-1), v)
+    if q.dtype != mask.dtype:  # bf16 / fp16 inputs (autocast or the sampler's compute dtype): float32 inside
+        with torch.autocast(q.device.type, enabled=False):
+            return attention(q.to(mask.dtype), k.to(mask.dtype), v.to(mask.dtype), mask, scale).to(q.dtype)
+    B, h, n, d = q.shape
+    kv = k.size(1)
+    # grouped-query: the h // kv query heads of each key/value head are rows of one matmul, so that keys and
+    # values are never repeated per query head
+    scores = torch.matmul(q.reshape(B, kv, h // kv * n, d), k.transpose(-1, -2))  # (B, kv, h // kv * n, L)
+    if scale != 1.0:  # 1.0: folded into q (PreparedLayer)
+        scores.mul_(scale)
+    scores = scores.view(B, kv, h // kv, n, -1).add_(mask[:, :, None]).view(B, kv, h // kv * n, -1)
+    return torch.matmul(scores.softmax(-1), v).view(B, h, n, d)
