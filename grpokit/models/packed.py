@@ -145,7 +145,9 @@ def embed(embedding: torch.nn.Module, ids: torch.Tensor, head: torch.nn.Module |
 def project(h: torch.Tensor, linears) -> list[torch.Tensor]:
     """``[m(h) for m in linears]``, as one matmul when they are all plain ``nn.Linear`` (the stacked weight is
     a differentiable ``cat`` of theirs; LoRA layers and other wrappers are called one by one)."""
-    return llama.project(h, linears, llama.fused_weight(linears))
+    device = h.device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return llama.project(h, linears, llama.fused_weight(linears, dtype))  # autocast: stacked in its dtype
 
 
 def mlp(module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
