@@ -12,6 +12,9 @@ first (an (896 x 4864) weight times 536 rows, ``torch.matmul``, best of several)
     python benchmarks/realistic_shape.py --long                   # 1 prompt x 4 completions of 1,024 tokens
     python benchmarks/realistic_shape.py --out benchmarks/results/realistic_shape.md
 
+For grpokit, the step's median split (its ``time/*`` metrics: the rollout, the training forward + backward,
+clipping + AdamW) and the time ``train()`` spends outside the steps (the final checkpoint and plot).
+
 Runs: ``grpokit-fp32`` (float32), ``grpokit-bf16`` (``bf16: true``), ``grpokit-bf16-gc`` (and
 ``gradient_checkpointing: true``), ``trl-fp32`` (``bf16=False``),
 ``trl-default`` (TRL's defaults: bf16 autocast and gradient checkpointing on). MFU counts 2 FLOPs per
@@ -37,6 +40,7 @@ SHAPE = dict(hidden_size=896, num_hidden_layers=24, num_attention_heads=14, num_
 SMOKE_SHAPE = dict(num_hidden_layers=2, vocab_size=1024)  # --smoke: checks the harness in seconds
 RUNS = ("grpokit-fp32", "grpokit-bf16", "grpokit-bf16-gc", "trl-fp32", "trl-default")
 SEED, LR = 0, 1e-6
+PHASES = ("rollout", "forward_backward", "optimizer")  # grpokit's time/<phase>_s metrics
 
 
 def settings(long: bool) -> dict:
@@ -104,7 +108,9 @@ def run_grpokit(bf16: bool, checkpointing: bool, cfg: dict, out_dir: str) -> dic
     steps = [row["step_time"] for row in history]
     lengths = [row["completion_length"] for row in history]
     flat = [row["frac_zero_std_groups"] for row in history]  # their rows skip the forward + backward
-    return dict(steps=steps, wall=wall, lengths=lengths, params=n_params, trained=1 - sum(flat) / len(flat))
+    phases = {name: [row[f"time/{name}_s"] for row in history] for name in PHASES}
+    return dict(steps=steps, wall=wall, lengths=lengths, params=n_params, trained=1 - sum(flat) / len(flat),
+                phases=phases)
 
 
 def run_trl(default: bool, cfg: dict, out_dir: str) -> dict:
@@ -225,6 +231,13 @@ def main() -> None:
         summary[run] = dict(step=step, rss=rss)
         lines.append(f"| {run} | {step:.1f} | {wall:.1f} | {rss:.0f} | {tokens / step:.1f} | {trained:.2f} | "
                      f"{mfu:.3f} |")
+    split = [f"| {run} | " + " | ".join(
+        f"{statistics.median(statistics.median(x['phases'][p][1:] or x['phases'][p]) for x in rs):.2f}"
+        for p in PHASES) + f" | {statistics.median(x['wall'] - sum(x['steps']) for x in rs):.1f} |"
+        for run, rs in results.items() if "phases" in rs[0]]
+    if split:  # where grpokit's step goes (its time/* metrics), and train()'s time outside the steps
+        lines += ["", "| run | rollout s | forward + backward s | clip + AdamW s | train() outside steps s "
+                  "(final checkpoint, plot) |", "|---|---|---|---|---|", *split]
     ratios = []
     for ours, theirs in (("grpokit-bf16", "trl-default"), ("grpokit-bf16-gc", "trl-default"),
                          ("grpokit-fp32", "trl-fp32"), ("grpokit-bf16", "grpokit-fp32")):

@@ -79,29 +79,13 @@ def seed_everything(seed: int) -> None:
 
 @functools.cache
 def _glibc(name: str):
-    """The glibc function ``name`` (``malloc_trim``, ``mallopt``), or ``None`` (another C library or system)."""
+    """The glibc function ``name`` (``malloc_trim``), or ``None`` (another C library or system)."""
     if sys.platform != "linux":
         return None
     try:
         return getattr(ctypes.CDLL(None), name)
-    except (OSError, AttributeError):  # musl and other C libraries have neither
+    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
         return None
-
-
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter (malloc.h)
-LARGE_BLOCK_BYTES = 1 << 20
-
-
-@functools.cache
-def return_large_blocks_at_once() -> bool:
-    """Make glibc map every allocation of ``LARGE_BLOCK_BYTES`` or more on its own and unmap it when freed, for
-    the rest of the process; ``True`` if it took. By default glibc raises this threshold to the largest block
-    freed so far (up to 32 MB), after which a layer's weights, activations and gradients come from the heap and,
-    freed, stay resident until ``release_freed_memory``: within one phase (a backward) they then add up beside
-    the next phase's blocks. Large blocks cost a page mapping each either way; with 2 MB pages
-    (``THP_MEM_ALLOC_ENABLE``, set by ``import grpokit``) few faults."""
-    mallopt = _glibc("mallopt")
-    return mallopt is not None and mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES) == 1
 
 
 def release_freed_memory() -> None:

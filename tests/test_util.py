@@ -91,38 +91,3 @@ def test_importing_grpokit_backs_large_tensors_with_huge_pages_unless_told_not_t
     assert setting == "0", out.stdout
     if thp_mode() == "madvise":
         assert int(huge_kb) == 0, out.stdout
-
-
-LARGE_BLOCKS_PROBE = """
-import sys
-import torch
-from grpokit.util import return_large_blocks_at_once
-
-def resident_mb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
-
-if sys.argv[1] == "fixed":
-    assert return_large_blocks_at_once()
-torch.ones(16 * 2**20 // 4)  # made and freed: glibc's default then keeps blocks up to 16 MB on the heap
-before = resident_mb()
-blocks = [torch.ones(8 * 2**20 // 4) for _ in range(64)]  # 512 MB in blocks of 8 MB
-still_used = torch.ones(8 * 2**20 // 4)  # above them on the heap: their pages cannot go back with its top
-del blocks
-print(resident_mb() - before)
-"""
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt: Linux only")
-def test_large_blocks_leave_resident_memory_when_freed():
-    """With glibc's default, 512 MB of freed 8 MB tensors below one still in use stay resident (the threshold
-    rose past 8 MB); after ``return_large_blocks_at_once`` they leave as they are freed."""
-    import subprocess
-
-    def kept_mb(mode: str) -> float:
-        out = subprocess.run([sys.executable, "-c", LARGE_BLOCKS_PROBE, mode], capture_output=True, text=True,
-                             check=True)
-        return float(out.stdout)
-
-    assert kept_mb("default") > 400
-    assert kept_mb("fixed") < 50

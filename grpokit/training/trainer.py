@@ -86,7 +86,7 @@ from grpokit.training.model_card import (
 from grpokit.training.reference import exact_kl_metrics, make_reference, sync_alpha, sync_reference
 from grpokit.training.run_dir import FINAL_DIR, begin_run, check_output_dir, resume_point
 from grpokit.training.signals import GracefulStop, stop_message
-from grpokit.util import nan_to_none, release_freed_memory, return_large_blocks_at_once, seed_everything
+from grpokit.util import nan_to_none, release_freed_memory, seed_everything
 
 
 class GRPOTrainer:
@@ -159,7 +159,6 @@ class GRPOTrainer:
             self.reward_model_updates = RewardModelUpdates(
                 learners, every=args.reward_model_update_steps, replay_fraction=args.reward_model_replay_fraction,
                 buffer_size=args.reward_model_buffer_size, seed=args.seed)
-        return_large_blocks_at_once()  # glibc: a freed gradient or activation leaves resident memory (grpokit.util)
         self.model, self.tokenizer = load_policy(model, tokenizer, self.dtype, device=args.device)
         self.model = prepare_model(self.model, args)  # gradient checkpointing, LoRA adapters (args.peft)
         self.loss_config = args.loss_config()
