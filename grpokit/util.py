@@ -88,6 +88,29 @@ def _glibc(name: str):
         return None
 
 
+TRIM_EVERY_BYTES = 256 * 2**20
+
+
+def release_during_backward(params: Iterable[torch.Tensor], every_bytes: int = TRIM_EVERY_BYTES) -> list:
+    """Hooks that call ``release_freed_memory`` during each backward, whenever gradients of ``every_bytes``
+    more have been accumulated into ``params`` (CPU tensors; none elsewhere, or without glibc); returns
+    their handles. In a backward, blocks freed by one layer (its saved bf16 weights, its bf16 gradients) are
+    too small for the next layer's float32 gradients, so without this they stay resident beside them until
+    the backward ends."""
+    params = [p for p in params if p.requires_grad and p.device.type == "cpu"]
+    if _glibc("malloc_trim") is None or not params:
+        return []
+    since = [0]
+
+    def hook(param: torch.Tensor) -> None:
+        since[0] += param.numel() * param.element_size()
+        if since[0] >= every_bytes:
+            since[0] = 0
+            release_freed_memory()
+
+    return [p.register_post_accumulate_grad_hook(hook) for p in params]
+
+
 def release_freed_memory() -> None:
     """Hand the pages of freed CPU tensors back to the system. glibc keeps the blocks of freed allocations below
     its mmap threshold (up to 32 MB: a layer's weights, a micro-batch's activations) for reuse, where they still

@@ -91,3 +91,23 @@ def test_importing_grpokit_backs_large_tensors_with_huge_pages_unless_told_not_t
     assert setting == "0", out.stdout
     if thp_mode() == "madvise":
         assert int(huge_kb) == 0, out.stdout
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc_trim: Linux only")
+def test_freed_memory_is_released_during_the_backward_every_so_many_gradient_bytes(monkeypatch):
+    """Three 400-byte weights and a frozen one, a 700-byte budget: the running total reaches it at the second
+    gradient (800 bytes), one release, and the third (400 more) does not reach it again; a frozen weight gets no
+    hook."""
+    import grpokit.util as util
+
+    calls = []
+    monkeypatch.setattr(util, "release_freed_memory", lambda: calls.append(len(calls)))
+    weights = [torch.ones(100, requires_grad=True) for _ in range(3)]
+    frozen = torch.ones(100)
+    handles = util.release_during_backward([*weights, frozen], every_bytes=700)
+    assert len(handles) == 3
+    sum((w * (i + 1)).sum() for i, w in enumerate(weights)).backward()
+    assert len(calls) == 1
+    assert [w.grad[0].item() for w in weights] == [1.0, 2.0, 3.0]  # the hooks leave the gradients alone
+    for handle in handles:
+        handle.remove()

@@ -62,9 +62,29 @@ def packed_completion_logps(model, prompt_ids, prompt_mask, completion_ids, comp
     """``completion_logps`` through ``grpokit.models.packed``: the LM head sees only the real completion tokens;
     padded slots (after each EOS) get 0, a value no loss reads (every loss masks them)."""
     where = completion_mask.bool()  # (N, C)
+    hf = packed.base_model(model)
+    weight, bias = lm_head_of(hf)
+    if weight is hf.get_input_embeddings().weight and weight.requires_grad:
+        # a tied table: the head reads it through an alias made before the lookup, so that autograd, which runs
+        # later-made nodes first, delivers the lookup's sparse gradient before the head's dense one and adds
+        # the first into the second in place (the other order adds them into a new (V, H) tensor)
+        weight = _Alias.apply(weight)
     hidden = packed.completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask)  # (M, H)
-    out = token_logprobs(**head_in(hidden, *lm_head_of(packed.base_model(model))), targets=completion_ids[where],
+    out = token_logprobs(**head_in(hidden, weight, bias), targets=completion_ids[where],
                          temperature=temperature, chunk_size=chunk_size, return_entropy=return_entropy)
     out = out if return_entropy else (out,)
     spread = tuple(values.new_zeros(where.shape).masked_scatter(where, values) for values in out)  # (N, C)
     return spread if return_entropy else spread[0]
+
+
+class _Alias(torch.autograd.Function):
+    """The identity, as a node of the autograd graph of its own that passes the gradient on as it gets it (a
+    ``view_as`` would pass a view, which keeps its base alive and so cannot be added into in place)."""
+
+    @staticmethod
+    def forward(ctx, tensor):
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad

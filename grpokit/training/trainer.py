@@ -86,7 +86,7 @@ from grpokit.training.model_card import (
 from grpokit.training.reference import exact_kl_metrics, make_reference, sync_alpha, sync_reference
 from grpokit.training.run_dir import FINAL_DIR, begin_run, check_output_dir, resume_point
 from grpokit.training.signals import GracefulStop, stop_message
-from grpokit.util import nan_to_none, release_freed_memory, seed_everything
+from grpokit.util import nan_to_none, release_during_backward, release_freed_memory, seed_everything
 
 
 class GRPOTrainer:
@@ -186,6 +186,7 @@ class GRPOTrainer:
         self._episode_totals: dict[str, float] = {}  # multi-turn: turns, tool calls, tokens of the current rollout
 
         self.optimizer = make_optimizer(self.model, args)
+        self._release_hooks = release_during_backward(self.model.parameters())  # CPU: freed blocks go back
         self.scheduler = make_scheduler(self.optimizer, args)
         self.order = PromptOrder(num_rows=len(self.dataset), seed=args.seed)
         self.generator = torch.Generator(device=next(self.model.parameters()).device)
