@@ -157,6 +157,27 @@ def test_under_bf16_autocast_logps_and_master_gradients_match_the_hugging_face_f
         assert (g - want[2][name]).norm() <= 0.05 * want[2][name].norm(), name
 
 
+def test_a_tied_tables_lookup_gradient_is_added_into_the_heads_in_place(monkeypatch):
+    """The head's (V, H) gradient, as the chunked head returns it, becomes the table's ``.grad`` itself: the
+    lookup's sparse rows were added into it, not both into a new tensor."""
+    import grpokit.logprobs as lp
+
+    returned = []  # addresses only: holding the tensor would itself rule out adding into it in place
+    rounded = lp._rounded
+
+    def spy(*args):
+        grad = rounded(*args)
+        returned.append(grad.data_ptr())
+        return grad
+
+    monkeypatch.setattr(lp, "_rounded", spy)
+    model = tiny("llama", tie_word_embeddings=True)
+    batch = grpo_batch()
+    values_and_grads(model, lambda: completion_logps(model, *batch, return_entropy=True), batch[3])
+    table = model.get_input_embeddings().weight
+    assert table.grad.data_ptr() in returned  # an out-of-place sum is made while both exist: another address
+
+
 def test_padded_slots_are_zero_and_shared_prompts_are_computed_once():
     prompt_ids, prompt_mask, completion_ids, completion_mask = grpo_batch()
     layout = packed.Layout.of(prompt_ids, prompt_mask, completion_mask)
