@@ -78,13 +78,13 @@ def seed_everything(seed: int) -> None:
 
 
 @functools.cache
-def _glibc(name: str):
-    """The glibc function ``name`` (``malloc_trim``), or ``None`` (another C library or system)."""
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or ``None`` (another C library, another system)."""
     if sys.platform != "linux":
         return None
     try:
-        return getattr(ctypes.CDLL(None), name)
-    except (OSError, AttributeError):  # musl and other C libraries have no malloc_trim
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # musl and other C libraries have none
         return None
 
 
@@ -98,7 +98,7 @@ def release_during_backward(params: Iterable[torch.Tensor], every_bytes: int = T
     too small for the next layer's float32 gradients, so without this they stay resident beside them until
     the backward ends."""
     params = [p for p in params if p.requires_grad and p.device.type == "cpu"]
-    if _glibc("malloc_trim") is None or not params:
+    if _malloc_trim() is None or not params:
         return []
     since = [0]
 
@@ -116,6 +116,6 @@ def release_freed_memory() -> None:
     its mmap threshold (up to 32 MB: a layer's weights, a micro-batch's activations) for reuse, where they still
     count in the process's resident memory; the next phase's allocations, of other sizes, then grow the heap
     beyond them. ``malloc_trim(0)`` returns every free page; elsewhere this does nothing."""
-    trim = _glibc("malloc_trim")
+    trim = _malloc_trim()
     if trim is not None:
         trim(0)

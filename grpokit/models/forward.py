@@ -11,7 +11,7 @@ import torch
 
 from grpokit.logprobs import hidden_states, lm_head_of, token_logprobs
 from grpokit.models import packed
-from grpokit.models.llama import position_ids_from_mask
+from grpokit.models.llama import autocast_dtype, position_ids_from_mask
 
 
 def completion_logps(
@@ -51,8 +51,7 @@ def head_in(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """``token_logprobs``' arguments for the head: under autocast, ``hidden`` cast to its dtype and that dtype
     as ``compute_dtype`` (the float32 master weight is cast inside, and its gradient returned in float32);
     otherwise all in the weight's dtype."""
-    device = hidden.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+    dtype = autocast_dtype(hidden) or weight.dtype
     hidden = hidden if hidden.dtype == dtype else hidden.to(dtype)
     return dict(hidden=hidden, weight=weight, bias=bias, compute_dtype=dtype)
 
@@ -64,7 +63,7 @@ def packed_completion_logps(model, prompt_ids, prompt_mask, completion_ids, comp
     where = completion_mask.bool()  # (N, C)
     hf = packed.base_model(model)
     weight, bias = lm_head_of(hf)
-    if weight is hf.get_input_embeddings().weight and weight.requires_grad:
+    if packed.sparse_lookup(hf.get_input_embeddings(), hf.get_output_embeddings()):
         # a tied table: the head reads it through an alias made before the lookup, so that autograd, which runs
         # later-made nodes first, delivers the lookup's sparse gradient before the head's dense one and adds
         # the first into the second in place (the other order adds them into a new (V, H) tensor)

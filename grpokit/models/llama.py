@@ -209,6 +209,12 @@ def stackable(linears) -> bool:
     return all(has_bias) or not any(has_bias)
 
 
+def autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` computes in on ``tensor``'s device, or ``None`` outside autocast."""
+    device = tensor.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 def fused_weight(linears, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``(weight, bias)`` of several plain ``nn.Linear`` layers stacked as one (each cast to ``dtype`` first when
     given: the values of casting the stack, without a stacked copy in the wider dtype), or ``None`` unless

@@ -129,25 +129,29 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
     return x.index_select(0, predictors)
 
 
-def embed(embedding: torch.nn.Module, ids: torch.Tensor, head: torch.nn.Module | None) -> torch.Tensor:
-    """``embedding(ids)``. When the table is tied to the LM head (which gives it a dense gradient), the lookup's
-    own gradient is sparse: its T rows are added into the head's gradient instead of a dense (V, H) table of
-    zeros being filled, scattered into and then added whole."""
+def sparse_lookup(embedding: torch.nn.Module, head: torch.nn.Module | None) -> bool:
+    """Whether ``embed`` looks ``embedding`` up with a sparse gradient: a plain ``nn.Embedding`` being trained
+    whose table is tied to the LM head ``head`` (which gives the table its dense gradient)."""
     weight = getattr(embedding, "weight", None)
-    tied = (type(embedding) is torch.nn.Embedding and weight is getattr(head, "weight", None)
+    return (type(embedding) is torch.nn.Embedding and weight is getattr(head, "weight", None)
             and weight.requires_grad and embedding.max_norm is None)
-    if not tied:
+
+
+def embed(embedding: torch.nn.Module, ids: torch.Tensor, head: torch.nn.Module | None) -> torch.Tensor:
+    """``embedding(ids)``. When the table is tied to the LM head (``sparse_lookup``), the lookup's own gradient is
+    sparse: its T rows are added into the head's gradient instead of a dense (V, H) table of zeros being filled,
+    scattered into and then added whole."""
+    if not sparse_lookup(embedding, head):
         return embedding(ids)
-    return torch.nn.functional.embedding(ids, weight, embedding.padding_idx,
+    return torch.nn.functional.embedding(ids, embedding.weight, embedding.padding_idx,
                                          scale_grad_by_freq=embedding.scale_grad_by_freq, sparse=True)
 
 
 def project(h: torch.Tensor, linears) -> list[torch.Tensor]:
     """``[m(h) for m in linears]``, as one matmul when they are all plain ``nn.Linear`` (the stacked weight is
     a differentiable ``cat`` of theirs; LoRA layers and other wrappers are called one by one)."""
-    device = h.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    return llama.project(h, linears, llama.fused_weight(linears, dtype))  # autocast: stacked in its dtype
+    # under autocast: stacked from the casts in its dtype
+    return llama.project(h, linears, llama.fused_weight(linears, llama.autocast_dtype(h)))
 
 
 def mlp(module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
