@@ -215,15 +215,13 @@ def autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
-def fused_weight(linears, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """``(weight, bias)`` of several plain ``nn.Linear`` layers stacked as one (each cast to ``dtype`` first when
-    given: the values of casting the stack, without a stacked copy in the wider dtype), or ``None`` unless
+def fused_weight(linears) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """``(weight, bias)`` of several plain ``nn.Linear`` layers stacked as one, or ``None`` unless
     ``stackable(linears)``."""
     if not stackable(linears):
         return None
-    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype))
-    bias = torch.cat([cast(m.bias) for m in linears]) if linears[0].bias is not None else None
-    return torch.cat([cast(m.weight) for m in linears]), bias
+    bias = torch.cat([m.bias for m in linears]) if linears[0].bias is not None else None
+    return torch.cat([m.weight for m in linears]), bias
 
 
 def project(h: torch.Tensor, linears, fused=None) -> list[torch.Tensor]:

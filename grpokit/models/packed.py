@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from grpokit.models import llama
+from grpokit.models import llama, mixed
 from grpokit.models.llama import distinct_rows, position_ids_from_mask
 from grpokit.models.loading import base_model
 
@@ -106,11 +106,12 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
     cos, sin = cos[0, :, None], llama.signed_sin(sin[0, :, None])  # (T, 1, d): broadcast over heads
     num_heads, num_kv = config.num_attention_heads, config.num_key_value_heads
     mask = llama.attention_mask(layout.mask, x.dtype, L)
+    workspace = mixed.Workspace()  # under autocast: the buffers the linear layers cast their weights into
     for layer in body.layers:
         a = layer.self_attn
         d = a.head_dim
         h = llama.rms_norm(layer.input_layernorm, x)
-        q, k, v = project(h, (a.q_proj, a.k_proj, a.v_proj))
+        q, k, v = project(h, (a.q_proj, a.k_proj, a.v_proj), workspace)
         q, k, v = q.view(-1, num_heads, d), k.view(-1, num_kv, d), v.view(-1, num_kv, d)  # (T, heads, d)
         if hasattr(a, "q_norm"):  # Qwen3 normalises q and k per head before rotary
             q, k = a.q_norm(q), a.k_norm(k)
@@ -121,8 +122,8 @@ def completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion
         q, k, v = qkv.split([num_heads, num_kv, num_kv], dim=1)
         o = llama.attention(q, k, v, mask, a.scaling)  # (N, heads, L, d)
         o = o.transpose(1, 2).reshape(N * L, -1).index_select(0, layout.owned)  # (T, heads * d)
-        x = x + a.o_proj(o)
-        x = x + mlp(layer.mlp, llama.rms_norm(layer.post_attention_layernorm, x))
+        x = x + project(o, (a.o_proj,), workspace)[0]
+        x = x + mlp(layer.mlp, llama.rms_norm(layer.post_attention_layernorm, x), workspace)
     x = llama.rms_norm(body.norm, x)
     # the state at column P - 1 + t predicts completion token t (a prompt column: the leader's token)
     predictors = layout.source.view(N, L)[:, P - 1:L - 1][completion_mask.bool()]  # (M,)
@@ -147,16 +148,21 @@ def embed(embedding: torch.nn.Module, ids: torch.Tensor, head: torch.nn.Module |
                                          scale_grad_by_freq=embedding.scale_grad_by_freq, sparse=True)
 
 
-def project(h: torch.Tensor, linears) -> list[torch.Tensor]:
+def project(h: torch.Tensor, linears, workspace: mixed.Workspace) -> list[torch.Tensor]:
     """``[m(h) for m in linears]``, as one matmul when they are all plain ``nn.Linear`` (the stacked weight is
-    a differentiable ``cat`` of theirs; LoRA layers and other wrappers are called one by one)."""
-    # under autocast: stacked from the casts in its dtype
-    return llama.project(h, linears, llama.fused_weight(linears, llama.autocast_dtype(h)))
+    a differentiable ``cat`` of theirs; LoRA layers and other wrappers are called one by one). Under autocast,
+    plain layers whose weights are in another dtype go through ``mixed.cast_linear`` (autocast's values,
+    without its per-step copies of the weights)."""
+    dtype = llama.autocast_dtype(h)
+    if dtype is not None and mixed.castable(linears) and linears[0].weight.dtype != dtype:
+        out = mixed.cast_linear(h, linears, dtype, workspace)
+        return list(out.split([m.out_features for m in linears], dim=-1))
+    return llama.project(h, linears, llama.fused_weight(linears))
 
 
-def mlp(module: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+def mlp(module: torch.nn.Module, h: torch.Tensor, workspace: mixed.Workspace) -> torch.Tensor:
     """The Llama-family MLP ``down(act(gate(h)) * up(h))`` with gate and up as one matmul; others are called."""
     if not llama.is_gated_mlp(module):
         return module(h)
-    gate, up = project(h, (module.gate_proj, module.up_proj))
-    return module.down_proj(module.act_fn(gate) * up)
+    gate, up = project(h, (module.gate_proj, module.up_proj), workspace)
+    return project(module.act_fn(gate) * up, (module.down_proj,), workspace)[0]
