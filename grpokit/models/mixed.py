@@ -37,18 +37,10 @@ class Workspace:
         return buffer[:n].view(shape)
 
 
-def castable(linears) -> bool:
-    """Plain ``nn.Linear`` layers (not LoRA wrappers, not quantised) with floating weights, all with a bias or
-    all without: ``cast_linear`` computes them as one."""
-    if not all(type(m) is torch.nn.Linear and m.weight.is_floating_point() for m in linears):
-        return False
-    has_bias = [m.bias is not None for m in linears]
-    return all(has_bias) or not any(has_bias)
-
-
 def cast_linear(x: torch.Tensor, linears, dtype: torch.dtype, workspace: Workspace) -> torch.Tensor:
     """``torch.cat([m(x) for m in linears], -1)`` as autocast computes it in ``dtype`` (module docstring); the
-    output is in ``dtype``. ``linears``: ``castable``."""
+    output is in ``dtype``. ``linears``: plain ``nn.Linear`` layers with floating weights
+    (``grpokit.models.llama.stackable``)."""
     weights = [m.weight for m in linears]
     biases = [m.bias for m in linears] if linears[0].bias is not None else []
     return _CastLinear.apply(x, dtype, workspace, len(weights), *weights, *biases)

@@ -154,7 +154,8 @@ def project(h: torch.Tensor, linears, workspace: mixed.Workspace) -> list[torch.
     plain layers whose weights are in another dtype go through ``mixed.cast_linear`` (autocast's values,
     without its per-step copies of the weights)."""
     dtype = llama.autocast_dtype(h)
-    if dtype is not None and mixed.castable(linears) and linears[0].weight.dtype != dtype:
+    if (dtype is not None and llama.stackable(linears) and linears[0].weight.is_floating_point()
+            and linears[0].weight.dtype != dtype):
         out = mixed.cast_linear(h, linears, dtype, workspace)
         return list(out.split([m.out_features for m in linears], dim=-1))
     return llama.project(h, linears, llama.fused_weight(linears))

@@ -38,7 +38,7 @@ def grads_of(fn, x, linears):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("shape", [(11, 24), (2, 5, 24)])
 def test_cast_linear_gives_autocasts_outputs_and_gradients(bias, shape):
-    """Stacked layers, as q/k/v: the output bit for bit (the same bf16 products), the input gradient and every
+    """Stacked layers, as q/k/v: the output and the input gradient bit for bit (the same bf16 products), every
     float32 master gradient to bf16 rounding (the weight gradient is formed as (out, in) rather than as the
     transpose of (in, out), which may round the last bit differently); a missing or misplaced stacked weight
     would be off by its whole size."""
