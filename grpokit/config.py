@@ -128,6 +128,13 @@ class GRPOConfig(LossConfig):
     """AdamW decoupled weight decay."""
     max_grad_norm: float = 1.0
     """Clip the global gradient norm to this before each step; 0 disables clipping."""
+    optimizer_in_backward: bool | None = None
+    """Take the clipped AdamW step inside the backward, parameter by parameter, freeing each gradient once
+    used, so that the step never holds a full set of gradients (``grpokit.training.step_in_backward``: the
+    backward runs twice, once for the global norm, once for the step; the same step up to float rounding).
+    It needs the whole step in one backward (``micro_batch_size`` unset or the mini-batch) and one process.
+    ``None``: on for one process when the trainable parameters' gradients would hold 256 MiB or more and the
+    step's rows carrying gradient fit one micro-batch; ``False``: the usual step after the backward."""
     adam_beta1: float = 0.9
     """AdamW beta1."""
     adam_beta2: float = 0.999
@@ -393,6 +400,8 @@ class GRPOConfig(LossConfig):
         check_int("warmup_steps", self.warmup_steps, low=0)
         check_real("weight_decay", self.weight_decay, low=0.0)
         check_real("max_grad_norm", self.max_grad_norm, low=0.0)
+        if self.optimizer_in_backward is not None:
+            check_bool("optimizer_in_backward", self.optimizer_in_backward)
         for name in ("adam_beta1", "adam_beta2"):
             check_real(name, getattr(self, name), low=0.0)
             if getattr(self, name) >= 1.0:
@@ -414,6 +423,11 @@ class GRPOConfig(LossConfig):
                 raise ValueError(f"micro_batch_size={self.micro_batch_size} must divide the mini-batch of "
                                  f"{self.mini_batch_size} completions (prompts_per_step * num_generations / "
                                  f"steps_per_rollout)")
+        if self.optimizer_in_backward and self.micro_batch < self.mini_batch_size:
+            raise ValueError(f"optimizer_in_backward: true needs the whole step in one backward, but "
+                             f"micro_batch_size={self.micro_batch_size} splits the mini-batch of "
+                             f"{self.mini_batch_size} completions (unset micro_batch_size, or set "
+                             f"optimizer_in_backward: false)")
 
         if self.max_prompt_length is not None:
             check_int("max_prompt_length", self.max_prompt_length, low=1)

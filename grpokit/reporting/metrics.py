@@ -29,7 +29,8 @@ Keys of a ``metrics.jsonl`` row (rollout statistics repeat on every step their r
     step_time, tokens_per_s  wall time of the step (its rollout included) and completion tokens / step_time
     time/rollout_s, time/forward_backward_s, time/optimizer_s  where step_time went: the rollout (sampling,
                           rewards, rollout-time log-probs; 0 on a step that reuses its rollout), the training
-                          forward and backward of the mini-batch, and clipping plus the AdamW step
+                          forward and backward of the mini-batch, and clipping plus the AdamW step (with
+                          optimizer_in_backward: the second backward, which takes the step, is in the latter)
     eval/reward, eval/rewards/<name>, eval/pass@k, eval/completion_length  on evaluation steps (eval_steps): the
                           policy's mean reward, each function's mean, pass@1, 2, 4... up to num_generations_eval
                           and the mean length on the eval prompts (grpokit.training.evaluate); step 0 (before

@@ -86,6 +86,7 @@ from grpokit.training.model_card import (
 from grpokit.training.reference import exact_kl_metrics, make_reference, sync_alpha, sync_reference
 from grpokit.training.run_dir import FINAL_DIR, begin_run, check_output_dir, resume_point
 from grpokit.training.signals import GracefulStop, stop_message
+from grpokit.training.step_in_backward import AUTO_MIN_BYTES, StepInBackward, gradient_bytes
 from grpokit.util import nan_to_none, release_during_backward, release_freed_memory, seed_everything
 
 
@@ -188,6 +189,7 @@ class GRPOTrainer:
         self.optimizer = make_optimizer(self.model, args)
         self._release_hooks = release_during_backward(self.model.parameters())  # CPU: freed blocks go back
         self.scheduler = make_scheduler(self.optimizer, args)
+        self.stepper = make_stepper(self.model, self.optimizer, args, self.world.world_size)  # or None
         self.order = PromptOrder(num_rows=len(self.dataset), seed=args.seed)
         self.generator = torch.Generator(device=next(self.model.parameters()).device)
         self.generator.manual_seed(sampler_seed(args.seed, self.world.rank))  # rank 0: args.seed
@@ -546,6 +548,9 @@ class GRPOTrainer:
         gap = {"abs_max": 0.0, "abs_sum": 0.0, "k3_sum": 0.0, "count": 0.0}
         micro_batches = self.micro_batches(mini)  # [(micro-batch, backpropagate it)]
         last = max(i for i, (_, backward) in enumerate(micro_batches) if backward)
+        # the step inside the backward needs the step's gradient complete after one backward
+        stepper = self.stepper if sum(backward for _, backward in micro_batches) == 1 else None
+        held = None  # stepper: the loss whose graph is kept for the second backward, that takes the step
         for i, (micro, backward) in enumerate(micro_batches):
             with self.parallel.grad_sync(last=i == last), torch.set_grad_enabled(backward):  # DDP: one all-reduce
                 if not backward and micro.old_logps is None and micro.sampling_entropy is not None:
@@ -565,7 +570,10 @@ class GRPOTrainer:
                 out = grpo_loss(logps, micro.advantages, micro.loss_mask, old_logps=micro.old_logps,
                                 ref_logps=micro.ref_logps, config=self.loss_config, totals=totals,
                                 token_weights=micro.tis_weights)
-                if backward:
+                if backward and stepper is not None:
+                    held = out.loss * self.parallel.loss_scale
+                    grad_norm = stepper.measure(held)  # the gradients' norm; none of them is kept
+                elif backward:
                     (out.loss * self.parallel.loss_scale).backward()  # x W under DDP/FSDP: they average gradients
             share = float(micro.loss_mask.sum()) / tokens  # token-weighted means over the mini-batch
             sums["loss"] += out.loss.item()
@@ -575,14 +583,19 @@ class GRPOTrainer:
         sums = self.world.sum_floats(sums)  # under torchrun: the global loss and token-weighted means
         forward_backward_s = time.perf_counter() - start
 
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.args.max_grad_norm if self.args.max_grad_norm > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        if stepper is None:
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm(self.args), foreach=True)
         if not is_finite_update(sums["loss"], grad_norm):  # never step on NaN/inf: the run stops here
             self.optimizer.zero_grad(set_to_none=True)
+            held = out = None  # the graph kept for the step
             raise non_finite_error(self.step + 1, sums["loss"], grad_norm, self.args.output_dir)
         learning_rate = self.scheduler.get_last_lr()[0]
-        self.optimizer.step()
+        if stepper is None:
+            self.optimizer.step()
+        else:
+            stepper.step(held)  # the second backward: clip, then AdamW, gradient by gradient
+        del held
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.loss_config.beta == 0:  # no KL in the loss (beta = 0, or kl_in_reward: the rollout logs it)
@@ -708,6 +721,24 @@ def make_optimizer(model: torch.nn.Module, args: GRPOConfig) -> torch.optim.Adam
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=args.learning_rate,
                              betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon,
                              fused=all(p.is_floating_point() for p in params))
+
+
+def max_grad_norm(args: GRPOConfig) -> float:
+    """The clipping threshold of ``clip_grad_norm_``: ``max_grad_norm``, or infinity (0: no clipping)."""
+    return args.max_grad_norm if args.max_grad_norm > 0 else math.inf
+
+
+def make_stepper(model: torch.nn.Module, optimizer: torch.optim.Optimizer, args: GRPOConfig,
+                 world_size: int) -> StepInBackward | None:
+    """The step inside the backward (``optimizer_in_backward``; ``None``: the usual step after it)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    wanted = args.optimizer_in_backward
+    if wanted and world_size > 1:
+        raise ValueError("optimizer_in_backward: true is for one process (under torchrun DDP and FSDP reduce the "
+                         "gradients first); set it to false or null")
+    if wanted is None:
+        wanted = world_size == 1 and gradient_bytes(params) >= AUTO_MIN_BYTES
+    return StepInBackward(optimizer, params, max_grad_norm(args)) if wanted else None
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, args: GRPOConfig) -> torch.optim.lr_scheduler.LambdaLR:

@@ -246,11 +246,13 @@ def make_trainer(folder: Path, **config) -> GRPOTrainer:
                        args=GRPOConfig(**fields), tokenizer=tokenizer)
 
 
-def test_non_finite_gradient_skips_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+@pytest.mark.parametrize("in_backward", [False, True])
+def test_non_finite_gradient_skips_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, in_backward):
     import grpokit.training.trainer as trainer_module
 
     real_loss = trainer_module.grpo_loss
-    trainer = make_trainer(tmp_path)
+    trainer = make_trainer(tmp_path, optimizer_in_backward=in_backward)
+    assert (trainer.stepper is not None) == in_backward
 
     def poisoned(*args, **kwargs):
         out = real_loss(*args, **kwargs)
