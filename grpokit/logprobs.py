@@ -13,7 +13,9 @@ and the LM head instead, and walks over the flattened B*T rows ``chunk_size`` at
 
 So the transient memory is one (chunk_size, V) logits buffer and a (<= 64 MiB) exp scratch, plus the (V, H)
 fp32 weight-gradient accumulator in backward (0.8 GiB in all at the size above, against 9-12 GiB), at the
-price of one extra (B*T, H) x (H, V) matmul (the recomputation).
+price of one extra (B*T, H) x (H, V) matmul (the recomputation). With ``late_weight_grad`` the weight
+gradient is formed at the end of the whole model's backward instead, from the rows' dlogits kept until then
+(``LateWeightGrad``), so that it never sits beside the body's activations.
 
 Notation per row, with tau the temperature: ``z = (h @ W.T + b) / tau``, ``p = softmax(z)``, ``logp = z - lse``,
 ``H = -sum_v p_v logp_v``. The two gradients used (``1_t`` is the one-hot of the target)::
@@ -54,6 +56,7 @@ def token_logprobs(
     chunk_size: int | None = None,
     return_entropy: bool = False,
     compute_dtype: torch.dtype | None = None,
+    late_weight_grad: LateWeightGrad | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities (and entropies) of ``softmax((hidden @ weight.T + bias) / temperature)``, chunked.
 
@@ -72,6 +75,9 @@ def token_logprobs(
             mixed precision: a float32 master weight, cast here). Value and gradients equal those of
             ``weight.to(compute_dtype)`` passed in (the weight's gradient rounded to it), without a full-size
             gradient in that dtype and its float32 copy beside the float32 one.
+        late_weight_grad: ``weight`` as ``late_weight_grad(weight)`` returned it, taken before the model body
+            ran: the weight's gradient is then formed at the end of the backward, once the body's activations
+            are freed, instead of at its start (``LateWeightGrad``).
 
     Returns:
         logps (B, T), or ``(logps, entropy)`` with entropy (B, T); fp32 (fp64 for fp64 inputs) whatever the
@@ -99,7 +105,7 @@ def token_logprobs(
     h2 = hidden.reshape(-1, hidden.size(-1))  # (N, H), a view when hidden is contiguous
     t1 = targets.reshape(-1).long()  # (N,)
     out = _ChunkedLogprobs.apply(h2, weight, bias, t1, float(temperature), int(chunk_size), return_entropy,
-                                 compute)
+                                 compute, late_weight_grad)
     if return_entropy:
         return out[0].view(targets.shape), out[1].view(targets.shape)
     return out.view(targets.shape)
@@ -167,13 +173,16 @@ def _head(buf: torch.Tensor | None, n: int) -> torch.Tensor | None:
 
 class _ChunkedLogprobs(torch.autograd.Function):
     """Memory per call: one (chunk, V) logits buffer, a (block, V) scratch, a (chunk, V) input-dtype copy for
-    bf16/fp16 inputs, and in backward the (V, H) compute-dtype weight-gradient accumulator."""
+    bf16/fp16 inputs, and in backward the (V, H) compute-dtype weight-gradient accumulator. A float32 master
+    weight used in a narrower compute dtype is cast in the forward and again in the backward, not kept between
+    them; when the rows fit one chunk, the backward drops that cast before it makes the weight's gradient."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, return_entropy, compute):
+    def forward(ctx, hidden, weight, bias, targets, temperature, chunk_size, return_entropy, compute, late):
         # hidden (N, H), weight (V, H), bias (V,) | None, targets (N,) int64; compute: hidden's dtype, the
         # matmuls' (the weight and bias are cast to it here when they are wider)
-        ctx.master_dtype = weight.dtype
+        ctx.master_dtype, ctx.compute = weight.dtype, compute
+        master, master_bias = weight, bias  # saved for the backward instead of their casts
         if compute != weight.dtype:
             weight, bias = weight.to(compute), None if bias is None else bias.to(compute)
         n_rows, vocab = hidden.size(0), weight.size(0)
@@ -204,10 +213,10 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 if return_entropy:
                     # H = -sum p (z - lse) = log S - sum(e (z - m)) / S, with e = exp(z - m), S = sum e
                     entropy[i] = log_s - ex.mul_(zb).sum(-1) / log_s.exp()
-        del buf, low, scratch
+        del buf, low, scratch, weight, bias
 
-        ctx.temperature, ctx.chunk_size, ctx.has_bias = temperature, chunk_size, bias is not None
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
+        ctx.temperature, ctx.chunk_size, ctx.has_bias, ctx.late = temperature, chunk_size, master_bias is not None, late
+        ctx.save_for_backward(hidden, master, master_bias, targets, lse, entropy)
         ctx.set_materialize_grads(False)  # an unused entropy output gets None, and skips its work
         if return_entropy:
             return logps, entropy
@@ -221,14 +230,21 @@ class _ChunkedLogprobs(torch.autograd.Function):
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = ctx.has_bias and ctx.needs_input_grad[2]
         if (grad_logps is None and grad_entropy is None) or not (need_h or need_w or need_b):
-            return None, None, None, None, None, None, None, None
+            return None, None, None, None, None, None, None, None, None
 
+        if ctx.compute != weight.dtype:  # the cast the forward made
+            weight, bias = weight.to(ctx.compute), None if bias is None else bias.to(ctx.compute)
         n_rows, vocab = hidden.size(0), weight.size(0)
         cdtype, dev = lse.dtype, hidden.device
         rows = min(chunk_size, max(n_rows, 1))
         blk = min(rows, _block_rows(vocab, cdtype))
         buf = torch.empty(rows, vocab, dtype=cdtype, device=dev)
-        low = None if cdtype == weight.dtype else torch.empty(rows, vocab, dtype=weight.dtype, device=dev)
+        # late weight gradient: every row's dlogits, in the head's dtype, kept for LateWeightGrad (bounded by
+        # the size of the gradient it defers)
+        late = ctx.late if need_w and ctx.late is not None and ctx.late.worth(n_rows, weight) else None
+        kept = torch.empty(n_rows, vocab, dtype=weight.dtype, device=dev) if late is not None else None
+        low = (None if cdtype == weight.dtype or kept is not None
+               else torch.empty(rows, vocab, dtype=weight.dtype, device=dev))
         scratch = torch.empty(blk, vocab, dtype=cdtype, device=dev) if grad_entropy is not None else None
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = None  # (V, H) fp32 accumulator: the first chunk's product, then the others added into it
@@ -240,7 +256,8 @@ class _ChunkedLogprobs(torch.autograd.Function):
         for s in range(0, n_rows, chunk_size):
             n = min(chunk_size, n_rows - s)
             h = hidden[s : s + n]
-            z = _chunk_logits(h, weight, bias, buf[:n], _head(low, n))
+            narrow = None if cdtype == weight.dtype else _head(low, n) if kept is None else kept[s : s + n]
+            z = _chunk_logits(h, weight, bias, buf[:n], narrow)
             # dlogits = g_lp * 1_t - p * (g_lp + g_ent * (logp + H)), built in z's buffer block by block
             for r in range(0, n, blk):
                 zb = z[r : r + blk]
@@ -261,22 +278,88 @@ class _ChunkedLogprobs(torch.autograd.Function):
                 z.scatter_add_(1, targets[s : s + n, None], g_lp[s : s + n, None])
             if need_b:
                 grad_b += z.sum(0)
+            # same rounding as autograd through a bf16 nn.Linear: dlogits cast to the head's dtype
+            dz = kept[s : s + n].copy_(z) if kept is not None else z if low is None else low[:n].copy_(z)
+            if need_h:
+                torch.mm(dz, weight, out=grad_h[s : s + n])
+            if s + n >= n_rows:  # the last chunk: the weight's cast and the narrow buffer are done with
+                weight = low = None
+            if late is not None:
+                continue
             if need_w and grad_w is None:
                 grad_w = torch.mm(z.t(), h.to(cdtype))  # (V, n) @ (n, H): no zero-filled (V, H) to add it to
             elif need_w:
                 grad_w.addmm_(z.t(), h.to(cdtype))  # accumulated in fp32
-            if need_h:
-                if low is None:
-                    torch.mm(z, weight, out=grad_h[s : s + n])
-                else:  # same rounding as autograd through a bf16 nn.Linear: dlogits cast to the head's dtype
-                    torch.mm(low[:n].copy_(z), weight, out=grad_h[s : s + n])
-        if need_w and grad_w is None:  # no rows: a dense zero, so that a tied embedding's gradient stays dense
-            grad_w = torch.zeros(weight.shape, dtype=cdtype, device=dev)
-        if grad_w is not None:
-            grad_w = _rounded(grad_w, weight.dtype, ctx.master_dtype)
+        buf = z = None
+        if late is not None:  # formed by LateWeightGrad's node; here a stand-in that takes no memory
+            late.keep(kept, hidden)
+            grad_w = torch.zeros((), dtype=ctx.master_dtype, device=dev).expand(vocab, hidden.size(1))
+        elif need_w and grad_w is None:  # no rows: a dense zero, so that a tied embedding's gradient stays dense
+            grad_w = torch.zeros(vocab, hidden.size(1), dtype=cdtype, device=dev)
+        if grad_w is not None and late is None:
+            grad_w = _rounded(grad_w, ctx.compute, ctx.master_dtype)
         if grad_b is not None:
-            grad_b = _rounded(grad_b, bias.dtype, ctx.master_dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+            grad_b = _rounded(grad_b, ctx.compute, ctx.master_dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+class LateWeightGrad:
+    """The LM head's weight gradient formed at the end of the backward instead of at its start.
+
+    The head is the last layer of the forward, so autograd reaches it first: a (V, H) weight gradient made
+    there (544 MB in float32 at V = 151,936, H = 896) would sit beside every activation of the body until the
+    backward ends (a tied table's gradient is complete only once the embedding lookup's part has come too).
+    ``late_weight_grad(weight)``, called before the body runs, returns the weight through a node of its own
+    made before the body's nodes; ``token_logprobs(..., late_weight_grad=handle)`` then keeps the rows'
+    dlogits in the head's dtype (N x V: smaller than the gradient whenever N < 2H in bf16, N < H in float32;
+    otherwise the gradient is made at once, as without it) and that node, which autograd runs after the
+    body's, forms the gradient from them: one (V, N) x (N, H) product in the head's dtype, as autograd
+    through a plain ``nn.Linear`` head would."""
+
+    def __init__(self, master_dtype: torch.dtype):
+        self.master_dtype = master_dtype
+        self.dlogits = self.hidden = None
+
+    def worth(self, n_rows: int, weight: torch.Tensor) -> bool:
+        """Whether keeping ``n_rows`` rows of dlogits (in ``weight``'s dtype) takes less than the gradient."""
+        keep = n_rows * weight.size(0) * weight.element_size()
+        return keep < weight.numel() * torch.empty((), dtype=self.master_dtype).element_size()
+
+    def keep(self, dlogits: torch.Tensor, hidden: torch.Tensor) -> None:
+        self.dlogits, self.hidden = dlogits, hidden
+
+    def take(self) -> torch.Tensor | None:
+        """The weight gradient (V, H) in the master dtype, or ``None`` when the head made it itself."""
+        dlogits, hidden = self.dlogits, self.hidden
+        if dlogits is None:
+            return None
+        self.dlogits = self.hidden = None
+        grad = torch.empty(dlogits.size(1), hidden.size(1), dtype=self.master_dtype, device=dlogits.device)
+        for r in range(0, grad.size(0), _ROUND_BLOCK_ROWS):  # block by block: no full-size narrow copy
+            grad[r:r + _ROUND_BLOCK_ROWS].copy_(torch.mm(dlogits[:, r:r + _ROUND_BLOCK_ROWS].t(), hidden))
+        return grad
+
+
+def late_weight_grad(weight: torch.Tensor) -> tuple[torch.Tensor, LateWeightGrad]:
+    """``(weight as the head should read it, handle)`` for ``token_logprobs(..., late_weight_grad=handle)``;
+    call it before the model body runs (see ``LateWeightGrad``)."""
+    handle = LateWeightGrad(weight.dtype)
+    return _Late.apply(weight, handle), handle
+
+
+class _Late(torch.autograd.Function):
+    """The identity on the weight; its backward returns the gradient ``LateWeightGrad`` formed late, or passes
+    on the one the head made (a fresh tensor, which a tied table's sparse lookup gradient is added into)."""
+
+    @staticmethod
+    def forward(ctx, weight, handle):
+        ctx.handle = handle
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx, grad):
+        late = ctx.handle.take()
+        return (grad if late is None else late), None
 
 
 def _rounded(grad: torch.Tensor, compute: torch.dtype, master: torch.dtype) -> torch.Tensor:

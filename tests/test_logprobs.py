@@ -15,7 +15,9 @@ from hypothesis import strategies as st
 from grpokit import logprobs
 from grpokit.logprobs import (
     default_chunk_size,
+    LateWeightGrad,
     hidden_states,
+    late_weight_grad,
     lm_head_of,
     materialized_token_logprobs,
     token_logprobs,
@@ -227,6 +229,55 @@ def test_a_float32_master_head_in_bf16_equals_passing_its_bf16_cast(monkeypatch,
     assert got_grads[0].dtype == torch.float32 and got_out[0].dtype == torch.float32
     for got, want in zip(got_out + got_grads, want_out + want_grads):
         assert torch.equal(got, want)
+
+
+def _late(hidden, weight, targets, **kw):
+    alias, handle = late_weight_grad(weight)
+    return token_logprobs(hidden, alias, targets, late_weight_grad=handle, **kw)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("rows,chunk_size", [(6, 4), (6, None), (20, 7)])  # 20 rows >= H: made at once
+def test_a_late_weight_gradient_equals_the_one_made_at_once(monkeypatch, rows, chunk_size, bias):
+    """``late_weight_grad``: the same values and gradients in float64, the dlogits kept (and the gradient
+    formed late) only while they take less memory than the gradient (N < H in float64)."""
+    kept = []
+    keep = LateWeightGrad.keep
+    monkeypatch.setattr(LateWeightGrad, "keep", lambda self, *a: (kept.append(1), keep(self, *a)))
+    problem = _problem(2, rows // 2, 16, 13, bias=bias)
+    want = _values_and_grads(token_logprobs, *problem, temperature=0.7, chunk_size=chunk_size)
+    got = _values_and_grads(_late, *problem, temperature=0.7, chunk_size=chunk_size)
+    _assert_all_close(got, want, atol=TOL)
+    assert len(kept) == (rows < 16)
+
+
+def test_a_late_bf16_weight_gradient_follows_the_one_made_at_once():
+    """bf16 compute on a float32 master: the late gradient is the (V, N) x (N, H) product of the bf16 dlogits
+    (autograd's rounding through a bf16 head), against float32 dlogits at once: equal up to bf16 rounding."""
+    hidden, weight, bias, targets, g_lp, g_ent = _problem(2, 5, 64, 40, bias=False, dtype=torch.float32)
+    hidden = hidden.detach().to(torch.bfloat16).requires_grad_()
+    problem = (hidden, weight, None, targets, g_lp, g_ent)
+    want = _values_and_grads(token_logprobs, *problem, compute_dtype=torch.bfloat16)
+    got = _values_and_grads(_late, *problem, compute_dtype=torch.bfloat16)
+    assert got[3].dtype == torch.float32
+    for a, b in zip(got[:3], want[:3]):
+        assert torch.equal(a, b)  # values and the hidden gradient do not depend on when the weight's is made
+    assert (got[3] - want[3]).norm() <= 1e-2 * want[3].norm() and not torch.equal(got[3], want[3])
+
+
+def test_the_late_weight_gradient_is_made_after_the_body_backward(monkeypatch):
+    """The head's weight gradient is formed once autograd has gone through the body (so not beside its
+    activations), when the weight is taken through ``late_weight_grad`` before the body runs."""
+    order = []
+    take = LateWeightGrad.take
+    monkeypatch.setattr(LateWeightGrad, "take", lambda self: (order.append("head"), take(self))[1])
+    body = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 8))
+    body[0].weight.register_post_accumulate_grad_hook(lambda p: order.append("body"))
+    weight = torch.randn(11, 8, requires_grad=True)
+    alias, handle = late_weight_grad(weight)
+    logps = token_logprobs(body(torch.randn(3, 8)), alias, torch.tensor([1, 2, 3]), late_weight_grad=handle)
+    logps.sum().backward()
+    assert order == ["body", "head"] and weight.grad is not None and weight.grad.abs().sum() > 0
 
 
 def test_rejects_bad_inputs():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from grpokit.logprobs import hidden_states, lm_head_of, token_logprobs
+from grpokit.logprobs import hidden_states, late_weight_grad, lm_head_of, token_logprobs
 from grpokit.models import packed
 from grpokit.models.llama import autocast_dtype, position_ids_from_mask
 
@@ -63,27 +63,16 @@ def packed_completion_logps(model, prompt_ids, prompt_mask, completion_ids, comp
     where = completion_mask.bool()  # (N, C)
     hf = packed.base_model(model)
     weight, bias = lm_head_of(hf)
-    if packed.sparse_lookup(hf.get_input_embeddings(), hf.get_output_embeddings()):
-        # a tied table: the head reads it through an alias made before the lookup, so that autograd, which runs
-        # later-made nodes first, delivers the lookup's sparse gradient before the head's dense one and adds
-        # the first into the second in place (the other order adds them into a new (V, H) tensor)
-        weight = _Alias.apply(weight)
+    late = None
+    if weight.requires_grad and torch.is_grad_enabled():
+        # the head's weight gradient formed after the body's backward (logprobs.LateWeightGrad), through a node
+        # made before the body: for a tied table (packed.sparse_lookup) autograd then also delivers the
+        # lookup's sparse gradient first and adds it into the head's dense one in place
+        weight, late = late_weight_grad(weight)
     hidden = packed.completion_hidden(model, prompt_ids, prompt_mask, completion_ids, completion_mask)  # (M, H)
     out = token_logprobs(**head_in(hidden, weight, bias), targets=completion_ids[where],
-                         temperature=temperature, chunk_size=chunk_size, return_entropy=return_entropy)
+                         temperature=temperature, chunk_size=chunk_size, return_entropy=return_entropy,
+                         late_weight_grad=late)
     out = out if return_entropy else (out,)
     spread = tuple(values.new_zeros(where.shape).masked_scatter(where, values) for values in out)  # (N, C)
     return spread if return_entropy else spread[0]
-
-
-class _Alias(torch.autograd.Function):
-    """The identity, as a node of the autograd graph of its own that passes the gradient on as it gets it (a
-    ``view_as`` would pass a view, which keeps its base alive and so cannot be added into in place)."""
-
-    @staticmethod
-    def forward(ctx, tensor):
-        return tensor.view_as(tensor)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad

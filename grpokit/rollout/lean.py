@@ -72,11 +72,13 @@ class LlamaFamilyDecoder:
         self.key_ok = torch.cat([prompt_mask.bool(), prompt_mask.new_ones(B, max_new_tokens, dtype=torch.bool)], 1)
         self.positions = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P), as the training forward uses
         self.next_position = prompt_mask.sum(-1, keepdim=True)  # (B, 1)
-        # per layer, the projections prepared once per rollout (q/k/v stacked, gate/up stacked; see Stacked)
-        self.prepared = [PreparedLayer(layer, B, dtype) for layer in body.layers]
+        # the head first: its copy passes through a plain and a reordered form at once (see Stacked), the
+        # largest transient of the sampler, better taken before the layers' copies exist
         self.fold_final = foldable(body.norm, (self.head,))
         self.head_prepared = Stacked((self.head,), B, in_scale=body.norm.weight if self.fold_final else None,
                                      dtype=dtype)
+        # per layer, the projections prepared once per rollout (q/k/v stacked, gate/up stacked; see Stacked)
+        self.prepared = [PreparedLayer(layer, B, dtype) for layer in body.layers]
         # rotary cos/sin of every position this rollout can reach, computed once by the model's own rotary
         # module. Valid because ``supports`` admits only RoPE whose cos/sin do not depend on the sequence
         # length (``STATIC_ROPE``, or ``dynamic`` below its original length, where it is plain RoPE); a per-call

@@ -69,16 +69,29 @@ class StepInBackward:
         norm and its parameter stepped as soon as the gradient is complete."""
         if self.total_norm is None:
             raise RuntimeError("StepInBackward.step before measure")
-        total, max_norm = self.total_norm, self.max_norm
+        total, max_norm, optimizer = self.total_norm, self.max_norm, self.optimizer
+        groups = optimizer.param_groups
+        members = [g["params"] for g in groups]
+        group_of = {p: g for g in groups for p in g["params"]}  # a step narrows it to its parameter alone
 
         def clip_and_step(param: torch.Tensor) -> None:
             if math.isfinite(max_norm):
                 torch.nn.utils.clip_grads_with_norm_([param], max_norm, total, foreach=True)
-            self.optimizer.step()  # only this parameter has a gradient now: only it steps
+            # the optimizer narrowed to this parameter's group and to it alone: the step touches only it, and
+            # does not walk every parameter of the model looking for gradients
+            group = group_of[param]
+            group["params"] = [param]
+            optimizer.param_groups = [group]
+            optimizer.step()
             param.grad = None
 
-        with self._hooks(clip_and_step):
-            loss.backward()
+        try:
+            with self._hooks(clip_and_step):
+                loss.backward()
+        finally:
+            optimizer.param_groups = groups
+            for group, params in zip(groups, members, strict=True):
+                group["params"] = params
         self.total_norm = None
 
     @contextlib.contextmanager

@@ -158,19 +158,19 @@ def test_under_bf16_autocast_logps_and_master_gradients_match_the_hugging_face_f
 
 
 def test_a_tied_tables_lookup_gradient_is_added_into_the_heads_in_place(monkeypatch):
-    """The head's (V, H) gradient, as the chunked head returns it, becomes the table's ``.grad`` itself: the
-    lookup's sparse rows were added into it, not both into a new tensor."""
+    """The head's (V, H) gradient, as the chunked head forms it (late, after the body's backward), becomes the
+    table's ``.grad`` itself: the lookup's sparse rows were added into it, not both into a new tensor."""
     import grpokit.logprobs as lp
 
     returned = []  # addresses only: holding the tensor would itself rule out adding into it in place
-    rounded = lp._rounded
+    take = lp.LateWeightGrad.take
 
-    def spy(*args):
-        grad = rounded(*args)
+    def spy(self):
+        grad = take(self)
         returned.append(grad.data_ptr())
         return grad
 
-    monkeypatch.setattr(lp, "_rounded", spy)
+    monkeypatch.setattr(lp.LateWeightGrad, "take", spy)
     model = tiny("llama", tie_word_embeddings=True)
     batch = grpo_batch()
     values_and_grads(model, lambda: completion_logps(model, *batch, return_entropy=True), batch[3])
