@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 
 from grpokit import logprobs
 from grpokit.logprobs import (
-    default_chunk_size,
     LateWeightGrad,
+    default_chunk_size,
     hidden_states,
     late_weight_grad,
     lm_head_of,
