@@ -131,7 +131,8 @@ class GRPOConfig(LossConfig):
     optimizer_in_backward: bool | None = None
     """Take the clipped AdamW step inside the backward, parameter by parameter, freeing each gradient once
     used, so that the step never holds a full set of gradients (``grpokit.training.step_in_backward``: the
-    backward runs twice, once for the global norm, once for the step; the same step up to float rounding).
+    forward and backward run twice, once for the global norm, once for the step; the same step up to float
+    rounding).
     It needs the whole step in one backward (``micro_batch_size`` unset or the mini-batch) and one process.
     ``None``: on for one process when the trainable parameters' gradients would hold 256 MiB or more and the
     step's rows carrying gradient fit one micro-batch; ``False``: the usual step after the backward."""

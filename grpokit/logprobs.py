@@ -32,11 +32,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+DEFAULT_CHUNK_BYTES = 64 * 2**20
 """Default size of one chunk of logits in the compute dtype (fp32, or fp64 for fp64 inputs); the transient
-peak adds a <= 64 MiB scratch, and a half-size copy for bf16/fp16 inputs. 256 MiB is 440 rows at
-V = 151,936: enough rows that every matmul is compute-bound (each chunk re-reads the whole (V, H) weight),
-few enough to stay below the (V, H) fp32 weight-gradient accumulator (544 MB at V = 151,936, H = 896)."""
+peak adds a <= 64 MiB scratch, and a half-size copy for bf16/fp16 inputs. 64 MiB is 104 rows at
+V = 151,936: still enough rows that every matmul is compute-bound (each chunk re-reads the whole (V, H)
+weight), and small enough that the head's buffers, which exist while every activation of the body does,
+add little to the peak of a training step."""
 
 
 def default_chunk_size(vocab_size: int, dtype: torch.dtype = torch.float32) -> int:
@@ -69,7 +70,7 @@ def token_logprobs(
         targets: (B, T) integer token ids in [0, V): position t is scored under row t of ``hidden``.
         temperature: logits are divided by it (sampling temperature), > 0.
         bias: (V,) LM-head bias or ``None``.
-        chunk_size: rows of B*T processed at once; ``None``: ``default_chunk_size(V)`` (~256 MiB of fp32).
+        chunk_size: rows of B*T processed at once; ``None``: ``default_chunk_size(V)`` (~64 MiB of fp32).
         return_entropy: also return the entropy of each row's distribution.
         compute_dtype: the dtype of ``hidden`` and of the head's matmuls when narrower than the weight's (bf16
             mixed precision: a float32 master weight, cast here). Value and gradients equal those of

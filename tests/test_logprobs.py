@@ -192,7 +192,7 @@ def test_saves_no_vocab_sized_activation():
 
 def test_default_chunk_size_bounds_the_chunk():
     rows = default_chunk_size(151_936)
-    assert rows % 8 == 0 and 128 * 2**20 <= rows * 151_936 * 4 <= 256 * 2**20
+    assert rows % 8 == 0 and 32 * 2**20 <= rows * 151_936 * 4 <= 64 * 2**20
     assert default_chunk_size(10**9) == 1
 
 

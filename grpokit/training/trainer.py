@@ -86,7 +86,14 @@ from grpokit.training.model_card import (
 from grpokit.training.reference import exact_kl_metrics, make_reference, sync_alpha, sync_reference
 from grpokit.training.run_dir import FINAL_DIR, begin_run, check_output_dir, resume_point
 from grpokit.training.signals import GracefulStop, stop_message
-from grpokit.training.step_in_backward import AUTO_MIN_BYTES, StepInBackward, gradient_bytes
+from grpokit.training.step_in_backward import (
+    AUTO_MIN_BYTES,
+    StepInBackward,
+    gradient_bytes,
+    random_state,
+    replaying,
+    step_on_zero_gradients,
+)
 from grpokit.util import nan_to_none, release_during_backward, release_freed_memory, seed_everything
 
 
@@ -187,9 +194,9 @@ class GRPOTrainer:
         self._episode_totals: dict[str, float] = {}  # multi-turn: turns, tool calls, tokens of the current rollout
 
         self.optimizer = make_optimizer(self.model, args)
-        self._release_hooks = release_during_backward(self.model.parameters())  # CPU: freed blocks go back
         self.scheduler = make_scheduler(self.optimizer, args)
         self.stepper = make_stepper(self.model, self.optimizer, args, self.world.world_size)  # or None
+        self._release_hooks = release_during_backward(self.model.parameters())  # CPU: freed blocks go back
         self.order = PromptOrder(num_rows=len(self.dataset), seed=args.seed)
         self.generator = torch.Generator(device=next(self.model.parameters()).device)
         self.generator.manual_seed(sampler_seed(args.seed, self.world.rank))  # rank 0: args.seed
@@ -547,32 +554,20 @@ class GRPOTrainer:
         on_policy = mini.old_logps is None and mini.sampling_logps is not None
         gap = {"abs_max": 0.0, "abs_sum": 0.0, "k3_sum": 0.0, "count": 0.0}
         micro_batches = self.micro_batches(mini)  # [(micro-batch, backpropagate it)]
-        last = max(i for i, (_, backward) in enumerate(micro_batches) if backward)
+        backward_passes = sum(backward for _, backward in micro_batches)  # 0: the gradient is exactly 0
+        last = max((i for i, (_, backward) in enumerate(micro_batches) if backward), default=-1)
         # the step inside the backward needs the step's gradient complete after one backward
-        stepper = self.stepper if sum(backward for _, backward in micro_batches) == 1 else None
-        held = None  # stepper: the loss whose graph is kept for the second backward, that takes the step
+        stepper = self.stepper if backward_passes == 1 else None
+        replay = None  # stepper: (micro-batch, random state) of the forward the step runs again
         for i, (micro, backward) in enumerate(micro_batches):
             with self.parallel.grad_sync(last=i == last), torch.set_grad_enabled(backward):  # DDP: one all-reduce
-                if not backward and micro.old_logps is None and micro.sampling_entropy is not None:
-                    # on-policy, a row's loss (0) and ratios (1) do not depend on its log-probs, and the sampler
-                    # recorded its entropy under these same weights: no forward at all
-                    entropy = micro.sampling_entropy
-                    logps = torch.zeros_like(entropy)
-                else:
-                    with self.autocast():  # backward then runs in the dtypes the forward chose
-                        logps, entropy = self.parallel.policy(
-                            micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask,
-                            temperature=self.args.temperature, chunk_size=self.args.logprob_chunk_size,
-                            return_entropy=True,
-                        )  # (n, C) each, float32
-                    if on_policy:
-                        gap = add_totals(gap, mismatch_totals(logps, micro.sampling_logps, micro.loss_mask))
-                out = grpo_loss(logps, micro.advantages, micro.loss_mask, old_logps=micro.old_logps,
-                                ref_logps=micro.ref_logps, config=self.loss_config, totals=totals,
-                                token_weights=micro.tis_weights)
                 if backward and stepper is not None:
-                    held = out.loss * self.parallel.loss_scale
-                    grad_norm = stepper.measure(held)  # the gradients' norm; none of them is kept
+                    replay = micro, random_state(micro.prompt_ids.device)
+                logps, entropy, out = self.micro_loss(micro, backward, totals)
+                if on_policy and logps is not None:
+                    gap = add_totals(gap, mismatch_totals(logps, micro.sampling_logps, micro.loss_mask))
+                if backward and stepper is not None:
+                    grad_norm = stepper.measure(out.loss * self.parallel.loss_scale)  # none of them is kept
                 elif backward:
                     (out.loss * self.parallel.loss_scale).backward()  # x W under DDP/FSDP: they average gradients
             share = float(micro.loss_mask.sum()) / tokens  # token-weighted means over the mini-batch
@@ -583,19 +578,24 @@ class GRPOTrainer:
         sums = self.world.sum_floats(sums)  # under torchrun: the global loss and token-weighted means
         forward_backward_s = time.perf_counter() - start
 
-        if stepper is None:
-            params = [p for p in self.model.parameters() if p.requires_grad]
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if backward_passes == 0:
+            grad_norm = torch.zeros(())
+        elif stepper is None:
             grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm(self.args), foreach=True)
         if not is_finite_update(sums["loss"], grad_norm):  # never step on NaN/inf: the run stops here
             self.optimizer.zero_grad(set_to_none=True)
-            held = out = None  # the graph kept for the step
             raise non_finite_error(self.step + 1, sums["loss"], grad_norm, self.args.output_dir)
         learning_rate = self.scheduler.get_last_lr()[0]
-        if stepper is None:
+        if backward_passes == 0:
+            step_on_zero_gradients(self.optimizer, params)
+        elif stepper is None:
             self.optimizer.step()
-        else:
-            stepper.step(held)  # the second backward: clip, then AdamW, gradient by gradient
-        del held
+        else:  # the forward again, with the same random numbers, then its backward: clip and AdamW
+            micro, rng = replay
+            with replaying(rng), torch.enable_grad():
+                loss = self.micro_loss(micro, True, totals)[2].loss * self.parallel.loss_scale
+            stepper.step(loss)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.loss_config.beta == 0:  # no KL in the loss (beta = 0, or kl_in_reward: the rollout logs it)
@@ -606,6 +606,27 @@ class GRPOTrainer:
         return {**sums, **exact, **mismatch, "learning_rate": learning_rate, "grad_norm": float(grad_norm),
                 **timing, "num_tokens": int(self.world.all_reduce_sum(mini.completion_mask.sum()))}
 
+    def micro_loss(self, micro: Batch, backward: bool, totals) -> tuple[torch.Tensor | None, torch.Tensor, Any]:
+        """``(log-probs or None, entropy, grpo_loss output)`` of one micro-batch; ``backward``: it will be
+        backpropagated (``micro_batches``)."""
+        if not backward and micro.old_logps is None and micro.sampling_entropy is not None:
+            # on-policy, a row's loss (0) and ratios (1) do not depend on its log-probs, and the sampler
+            # recorded its entropy under these same weights: no forward at all
+            entropy = micro.sampling_entropy
+            logps, measured = torch.zeros_like(entropy), None
+        else:
+            with self.autocast():  # backward then runs in the dtypes the forward chose
+                logps, entropy = self.parallel.policy(
+                    micro.prompt_ids, micro.prompt_mask, micro.completion_ids, micro.completion_mask,
+                    temperature=self.args.temperature, chunk_size=self.args.logprob_chunk_size,
+                    return_entropy=True,
+                )  # (n, C) each, float32
+            measured = logps
+        out = grpo_loss(logps, micro.advantages, micro.loss_mask, old_logps=micro.old_logps,
+                        ref_logps=micro.ref_logps, config=self.loss_config, totals=totals,
+                        token_weights=micro.tis_weights)
+        return measured, entropy, out
+
     def micro_batches(self, mini: Batch) -> list[tuple[Batch, bool]]:
         """The micro-batches of ``mini``, each with whether it is backpropagated: with ``skip_zero_advantage``
         (and beta = 0, one process), the rows that can carry gradient first, then those that cannot.
@@ -615,8 +636,8 @@ class GRPOTrainer:
         every gradient. Those rows are not backpropagated. When the rollout feeds one optimizer step, they are not
         even run: their ratios are 1 and the sampler recorded their entropy (``Batch.sampling_entropy``);
         otherwise they run forward without autograd, for the logged entropy and ratios. If no row carries
-        gradient, one goes through autograd anyway: every parameter then gets its zero gradient, and AdamW steps
-        (moments, weight decay) exactly as it would without the skipping."""
+        gradient, none is backpropagated: every trainable parameter takes a zero gradient and AdamW steps
+        (moments, weight decay) as it would without the skipping (``step_on_zero_gradients``)."""
         size = self.args.micro_batch
         if not self.args.skip_zero_advantage or self.loss_config.beta != 0 or self.world.world_size > 1:
             return [(m, True) for m in mini.split(size)]
@@ -626,8 +647,6 @@ class GRPOTrainer:
         if bool(live.all()):
             return [(m, True) for m in mini.split(size)]
         live_rows, dead_rows = live.nonzero().squeeze(1), (~live).nonzero().squeeze(1)
-        if live_rows.numel() == 0:
-            live_rows, dead_rows = dead_rows[:1], dead_rows[1:]
         return ([(m, True) for m in mini[live_rows].split(size)]
                 + [(m, False) for m in mini[dead_rows].split(size) if len(m)])
 

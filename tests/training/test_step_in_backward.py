@@ -25,17 +25,21 @@ def trainer_for(tmp_path, in_backward: bool, **config) -> GRPOTrainer:
     dict(max_grad_norm=0.0),  # no clipping
     dict(max_grad_norm=1e-3, bf16=True, weight_decay=0.1),
     dict(max_grad_norm=1e-3, gradient_checkpointing=True, beta=0.05),
-], ids=["clipped", "unclipped", "bf16-decay", "checkpointing-kl"])
+    dict(max_grad_norm=1e-3, peft={"r": 4, "dropout": 0.5}),  # the second forward draws the same masks
+], ids=["clipped", "unclipped", "bf16-decay", "checkpointing-kl", "lora-dropout"])
 def test_the_step_in_the_backward_is_the_plain_step(tmp_path, config):
     """Three updates from the same batch: the same gradient norms, weights and AdamW state as the step after
     the backward (the tied embedding table included: its hook fires once per backward, so every parameter has
-    stepped exactly three times)."""
+    stepped exactly three times; with dropout, the forward run again draws the masks of the first)."""
     plain, fused = trainer_for(tmp_path, False, **config), trainer_for(tmp_path, True, **config)
     assert plain.stepper is None and isinstance(fused.stepper, StepInBackward)
     assert plain.model.get_input_embeddings().weight is plain.model.get_output_embeddings().weight
     batch, _ = plain.rollout()
-    for _ in range(3):
-        a, b = plain.update(batch), fused.update(batch)
+    for step in range(3):
+        torch.manual_seed(step)  # the same dropout masks for both (the random state is global)
+        a = plain.update(batch)
+        torch.manual_seed(step)
+        b = fused.update(batch)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-6)
         assert b["loss"] == a["loss"]
     for (name, p), q in zip(plain.model.named_parameters(), fused.model.parameters(), strict=True):
@@ -101,3 +105,31 @@ def test_auto_takes_the_plain_step_when_the_gradient_spans_micro_batches(tmp_pat
     trainer.stepper = StepInBackward(trainer.optimizer, list(trainer.model.parameters()), 1.0)
     trainer.update(trainer.rollout()[0])  # skip_zero_advantage off: both micro-batches backpropagate
     assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_a_step_on_zero_gradients_is_adamw_on_zeros():
+    """``step_on_zero_gradients``: the step ``optimizer.step()`` takes with every gradient a zero tensor, the
+    shared zero buffer left at zero, no gradient left behind."""
+    from grpokit.training.step_in_backward import step_on_zero_gradients
+
+    def model_and_optimizer():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Linear(7, 3, bias=False))
+        opt = torch.optim.AdamW([{"params": [model[0].weight, model[1].weight], "weight_decay": 0.1},
+                                 {"params": [model[0].bias], "weight_decay": 0.0}], lr=1e-2, fused=True)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()  # moments that are not zero
+        opt.zero_grad(set_to_none=True)
+        return model, opt
+
+    (want, plain), (got, zeroed) = model_and_optimizer(), model_and_optimizer()
+    for p in want.parameters():
+        p.grad = torch.zeros_like(p)
+    plain.step()
+    step_on_zero_gradients(zeroed, list(got.parameters()))
+    for p, q in zip(want.parameters(), got.parameters(), strict=True):
+        assert torch.equal(p, q) and q.grad is None
+    assert [len(g["params"]) for g in zeroed.param_groups] == [2, 1]  # the groups are whole again
+    for a, b in zip(plain.state.values(), zeroed.state.values(), strict=True):
+        assert all(torch.equal(a[k], b[k]) for k in a)
