@@ -29,7 +29,8 @@ import torch
 
 AUTO_MIN_BYTES = 256 * 2**20
 """``optimizer_in_backward: null`` takes this path when the trainable parameters' gradients would hold at
-least this much (float32: 64M parameters and up); below it the second backward costs more than it saves."""
+least this much (float32: 64M parameters and up); below it the gradients are small beside the rest of the
+step, and the second forward and backward would cost time for little memory."""
 
 
 def gradient_bytes(params: list[torch.Tensor]) -> int:
